@@ -1,0 +1,1 @@
+"""Inference pipelines in diffusers style."""

@@ -1,0 +1,49 @@
+"""The ``steer`` command: a thin dispatcher to the ``main(argv)`` of each subcommand's module.
+
+Each subcommand lives beside the code it drives and is imported only when called, so that
+``steer --help`` stays fast and ``steer exact`` never imports diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module exposing ``main(argv) -> int``, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "exact": ("steer.discrete.suite", "exact checks of THEORY §4 on enumerable DAGs (a table)"),
+    "toy": ("steer.toy.cli", "train / evaluate diffusion samplers of unnormalised densities"),
+    "rewards": ("steer.rewards.cli", "list the reward registry"),
+    "finetune": ("steer.train.cli", "fine-tune a diffusion model (default: the digits job)"),
+    "pretrain-digits": ("steer.train.digits", "train the embedded digits prior and classifier"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steer",
+        description="Steer pretrained diffusion models toward a reward or a target density.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        parser.error(f"unknown command {command!r}; choose from {', '.join(SUBCOMMANDS)}")
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
