@@ -15,8 +15,10 @@ README = Path(__file__).with_name("README.md")
 def hardware() -> str:
     """One line naming the machine the numbers were measured on."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"{device}, torch {torch.__version__}")
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{device}, torch {torch.__version__}"
+    )
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -35,7 +37,15 @@ def write_section(name: str, body: str, readme: Path = README) -> None:
     so that each benchmark script owns its own section and re-running one leaves the rest."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"
-    text = readme.read_text() if readme.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
+    text = (
+        readme.read_text()
+        if readme.exists()
+        else "# Benchmarks\n\nEach section is written by the script it names.\n"
+    )
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
     readme.write_text(text)

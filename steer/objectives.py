@@ -112,8 +112,9 @@ def _group_mean(values: Tensor, group: Tensor | None) -> Tensor:
         return values.mean().expand_as(values)
     if not isinstance(group, Tensor) or group.shape != values.shape:
         shape = tuple(group.shape) if isinstance(group, Tensor) else type(group).__name__
-        raise ValueError(f"group must be an integer tensor of shape {tuple(values.shape)}, "
-                         f"got {shape}")
+        raise ValueError(
+            f"group must be an integer tensor of shape {tuple(values.shape)}, got {shape}"
+        )
     if group.dtype.is_floating_point:
         raise TypeError(f"group must hold integer ids, got dtype {group.dtype}")
     _, inverse = torch.unique(group, return_inverse=True)
@@ -129,7 +130,8 @@ def _group_mean(values: Tensor, group: Tensor | None) -> Tensor:
 def trajectory_balance(
     log_pf: Tensor, log_pb: Tensor, log_reward: Tensor, log_z: Tensor | float
 ) -> Tensor:
-    """Trajectory balance (3.1), Malkin et al. 2022: ``log Z + log P_F(τ) - log R(x) - log P_B(τ|x)``.
+    """Trajectory balance (3.1), Malkin et al. 2022:
+    ``log Z + log P_F(τ) - log R(x) - log P_B(τ|x)``.
 
     Shapes: ``log_pf``, ``log_pb`` ``[B, T]`` or ``[B]``; ``log_reward`` ``[B]``; ``log_z`` a
     scalar, ``[1]`` or ``[B]`` (one learned value per prompt, gathered). Returns ``[B]``.
@@ -279,8 +281,10 @@ def subtrajectory_balance(
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
     if log_pf.ndim != 2 or log_pf.shape != log_pb.shape:
-        raise ValueError(f"log_pf and log_pb must both be [B, T], got {tuple(log_pf.shape)} "
-                         f"and {tuple(log_pb.shape)}")
+        raise ValueError(
+            f"log_pf and log_pb must both be [B, T], got {tuple(log_pf.shape)} "
+            f"and {tuple(log_pb.shape)}"
+        )
     b, t = log_pf.shape
     if log_flows.shape != (b, t + 1):
         raise ValueError(f"log_flows must be [B, T+1]=[{b}, {t + 1}], got {tuple(log_flows.shape)}")
@@ -293,7 +297,9 @@ def subtrajectory_balance(
     span = idx.view(1, -1) - idx.view(-1, 1)  # [T+1, T+1], j - i
     weight = torch.where(
         span > 0,
-        torch.tensor(float(lam), dtype=log_pf.dtype, device=log_pf.device).pow(span.clamp(min=1) - 1),
+        torch.tensor(float(lam), dtype=log_pf.dtype, device=log_pf.device).pow(
+            span.clamp(min=1) - 1
+        ),
         torch.zeros((), dtype=log_pf.dtype, device=log_pf.device),
     ).expand(b, t + 1, t + 1)
     if lengths is not None:

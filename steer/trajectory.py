@@ -39,7 +39,8 @@ class Trajectory:
         b, k = self.log_pf.shape
         if self.latents.shape[:2] != (b, k + 1):
             raise ValueError(
-                f"latents must be [B, K+1, ...]=[{b}, {k + 1}, ...], got {tuple(self.latents.shape)}"
+                f"latents must be [B, K+1, ...]=[{b}, {k + 1}, ...], "
+                f"got {tuple(self.latents.shape)}"
             )
         if self.log_pb.shape != (b, k):
             raise ValueError(f"log_pb must be [B, K]=[{b}, {k}], got {tuple(self.log_pb.shape)}")
@@ -89,9 +90,7 @@ class Trajectory:
         """Select trajectories along the batch dimension."""
         batched = {"latents", "log_pf", "log_pb", "log_p_init", "pred_x0"}
         picked = {
-            name: getattr(self, name)[index]
-            for name in batched
-            if getattr(self, name) is not None
+            name: getattr(self, name)[index] for name in batched if getattr(self, name) is not None
         }
         cond = self.cond[index] if isinstance(self.cond, Tensor) else self.cond
         return replace(self, cond=cond, **picked)
