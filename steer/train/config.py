@@ -1,0 +1,218 @@
+"""Typed configuration of a fine-tuning run: one dataclass per component, loaded from YAML.
+
+``load_config("configs/digits_rtb.yaml", ["objective.beta=0.5", "train.steps=10"])`` merges the
+file and ``a.b=value`` overrides onto the defaults with OmegaConf (types are checked), then
+builds the dataclasses, whose ``__post_init__`` validates every value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+OBJECTIVES = ("tb", "rtb", "db", "vargrad", "subtb", "ddpo", "dpok")
+PENALTIES = ("squared", "huber", "log_cosh")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb", "none")
+PROMPT_LISTS = ("simple-animals", "digits")
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(valid)}")
+
+
+def _positive(name: str, value: float, strict: bool = True) -> None:
+    if value < 0 or (strict and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained diffusion model: ``digits`` (embedded default, trained on first use),
+    ``tiny`` / ``tiny-unconditional`` (random tiny pipelines for tests), a hub id or a folder."""
+
+    pretrained: str = "digits"
+    revision: str | None = None
+    num_inference_steps: int = 20
+    eta: float = 1.0
+    guidance_scale: float = 1.0
+    gradient_checkpointing: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError(
+                f"model.num_inference_steps must be >= 1, got {self.num_inference_steps}"
+            )
+        _positive("model.eta", self.eta, strict=False)
+        _positive("model.guidance_scale", self.guidance_scale, strict=False)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (``enabled``), or full fine-tuning of the UNet otherwise (small
+    models only; the frozen prior is then a copy)."""
+
+    enabled: bool = True
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.enabled and not self.target_modules:
+            raise ValueError("lora.target_modules is empty; name the UNet modules to adapt")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective and its own parameters (defaults from the papers)."""
+
+    name: str = "rtb"
+    beta: float = 1.0  # reward temperature: log R(x) = r(x) / beta
+    penalty: str = "squared"
+    log_z_lr: float = 1e-1
+    log_z_init: float = 0.0
+    log_z_mode: str = "auto"  # table (fixed prompt set) | network (open set) | auto
+    flow_lr: float = 1e-3
+    flow_ema: float = 0.0  # 0 disables the EMA target of F̃ (db)
+    subtb_lambda: float = 0.9
+    train_fraction: float = 1.0  # fraction of the K steps re-scored with grad per trajectory
+    clip_range: float = 1e-4  # ddpo PPO-clip range on the per-step ratio
+    ratio_per_dim: bool = True  # ddpo: ratio of per-dimension geometric-mean densities, as DDPO
+    kl_weight: float = 0.01  # dpok: weight of the per-step KL to the prior
+    advantage_clip: float = 5.0
+
+    def __post_init__(self) -> None:
+        _choice("objective.name", self.name, OBJECTIVES)
+        _choice("objective.penalty", self.penalty, PENALTIES)
+        _choice("objective.log_z_mode", self.log_z_mode, ("auto", "table", "network"))
+        _positive("objective.beta", self.beta)
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(
+                f"objective.train_fraction must be in (0, 1], got {self.train_fraction}"
+            )
+        _positive("objective.subtb_lambda", self.subtb_lambda, strict=False)
+        _positive("objective.clip_range", self.clip_range)
+        _positive("objective.kl_weight", self.kl_weight, strict=False)
+        if not 0 <= self.flow_ema < 1:
+            raise ValueError(f"objective.flow_ema must be in [0, 1), got {self.flow_ema}")
+
+
+@dataclass
+class RewardConfig:
+    """A reward of ``steer.rewards`` by name, with its keyword arguments."""
+
+    name: str = "digits-classifier"
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"target": 3})
+
+
+@dataclass
+class PromptConfig:
+    """Training prompts: a single ``prompt``, a ``file`` (one per line) or a ``builtin`` list;
+    none of them for unconditional models."""
+
+    prompt: str | None = None
+    file: str | None = None
+    builtin: str | None = None
+    eval_prompts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("prompt", "file", "builtin") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one prompt source, got {given}")
+        if self.builtin is not None:
+            _choice("prompts.builtin", self.builtin, PROMPT_LISTS)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: sizes, steps, precision, seeds."""
+
+    steps: int = 100  # optimiser steps
+    batch_size: int = 8  # trajectories per process per rollout
+    grad_accum: int = 1  # rollouts per optimiser step
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    replay_buffer: int = 0  # trajectories kept for off-policy re-use; 0 = on-policy only
+    replay_ratio: float = 0.0  # fraction of each batch drawn from the buffer
+    exploration_std: float = 0.0  # extra std added to σ at rollout (off-policy exploration)
+    on_nonfinite: str = "raise"  # raise (after saving a checkpoint) | skip (and count)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _positive("train.lr", self.lr)
+        _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("train.on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        if not 0 <= self.replay_ratio < 1:
+            raise ValueError(f"train.replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        if self.replay_ratio > 0 and self.replay_buffer < self.batch_size:
+            raise ValueError(
+                f"train.replay_buffer={self.replay_buffer} must hold at least one batch "
+                f"(train.batch_size={self.batch_size}) when train.replay_ratio > 0"
+            )
+        _positive("train.exploration_std", self.exploration_std, strict=False)
+
+
+@dataclass
+class LogConfig:
+    """Outputs, trackers, evaluation and checkpoints."""
+
+    output_dir: str = "outputs"
+    run_name: str | None = None  # default: <objective>-<timestamp>
+    tracker: str = "tensorboard"
+    eval_every: int = 0  # 0 = only at the end
+    num_eval_samples: int = 16
+    checkpoint_every: int = 0  # 0 = only at the end
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str | None = None  # "latest" or a path
+
+    def __post_init__(self) -> None:
+        _choice("log.tracker", self.tracker, TRACKERS)
+        if self.checkpoints_total_limit < 1:
+            raise ValueError(
+                f"log.checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
+            )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML file ← ``a.b=value`` overrides, type-checked, then validated."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must look like a.b=value, got {bad}")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

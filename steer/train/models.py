@@ -1,0 +1,149 @@
+"""Build the run's components from its config: policy, frozen prior, reward, decoder, prompts."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from torch import Tensor, nn
+
+from steer.diffusion import DiffusionPolicy, add_lora, require_frozen
+from steer.train.config import Config
+from steer.train.modules import FlowNetwork, LogZNetwork, LogZTable
+from steer.train.prompts import load_prompts
+from steer.train.sampling import Conditioning, Decode
+
+MAX_LOG_Z_TABLE = 256  # larger prompt sets get a log Z network of the pooled embedding
+
+
+@dataclass
+class Components:
+    policy: DiffusionPolicy
+    prior: DiffusionPolicy | None
+    reward: Any
+    decode: Decode
+    cond: Conditioning
+    pipeline: Any  # the loaded pipeline (for saving and users), or None
+    lora: bool
+
+
+def _pixels(x: Tensor) -> Tensor:
+    """A pixel-space sample in ``[-1, 1]`` → images ``[B, 3, H, W]`` in ``[0, 1]``."""
+    img = (x.float() / 2 + 0.5).clamp(0, 1)
+    return img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
+
+
+def _vae_decoder(vae: nn.Module) -> Decode:
+    scale = float(vae.config.scaling_factor)
+
+    def decode(latents: Tensor) -> Tensor:
+        out = vae.decode(latents.to(vae.dtype) / scale).sample
+        return (out.float() / 2 + 0.5).clamp(0, 1)
+
+    return decode
+
+
+def load_pipeline(cfg: Config) -> Any:
+    """``digits`` | ``tiny`` | ``tiny-unconditional`` | a hub id or folder → a steer pipeline."""
+    from steer.pipelines import SteerDDPMPipeline, SteerStableDiffusionPipeline
+
+    name = cfg.model.pretrained
+    if name == "digits":
+        from steer.train.digits import load_or_train_digits_prior
+
+        return SteerDDPMPipeline.from_pretrained(load_or_train_digits_prior(cfg.model.cache_dir))
+    if name in ("tiny", "tiny-unconditional"):
+        from steer import testing
+
+        torch.manual_seed(0)  # the same tiny weights on every process
+        if name == "tiny":
+            return testing.tiny_stable_diffusion_pipeline()
+        return testing.tiny_ddpm_pipeline()
+    path = Path(name)
+    is_sd = (path / "text_encoder").is_dir() if path.is_dir() else True
+    cls = SteerStableDiffusionPipeline if is_sd else SteerDDPMPipeline
+    return cls.from_pretrained(name, revision=cfg.model.revision)
+
+
+def _encode_prompts(pipe: Any, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Prompt embeddings ``[P, L, D]`` and pooled embeddings ``[P, D]`` of the text encoder."""
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = pipe.text_encoder(tok.input_ids.to(device))
+    return out.last_hidden_state.float(), out.pooler_output.float()
+
+
+def build_components(cfg: Config, device: torch.device) -> Components:
+    """Load the model, add LoRA (or prepare full fine-tuning), the frozen prior, the reward."""
+    import steer.rewards
+
+    pipe = load_pipeline(cfg)
+    pipe.to(device)
+    unet = pipe.unet
+    conditional = isinstance(unet, UNet2DConditionModel)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # 1. prompts (conditional models only)
+    prompts = load_prompts(cfg.prompts)
+    if conditional and prompts is None:
+        raise ValueError("a text-conditional model needs prompts: set prompts.prompt, "
+                         "prompts.file or prompts.builtin")
+    if not conditional and prompts is not None:
+        raise ValueError(f"model {cfg.model.pretrained} is unconditional: remove the prompts")
+    cond, negative = Conditioning(prompts), None
+    if conditional:
+        pipe.text_encoder.requires_grad_(False)
+        cond.embeds, cond.pooled = _encode_prompts(pipe, prompts, device)
+        if cfg.model.guidance_scale != 1.0:
+            negative = _encode_prompts(pipe, [""], device)[0]
+    # 2. trainable weights: LoRA adapters, or the whole UNet with a frozen copy as the prior
+    if cfg.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    kwargs = dict(guidance_scale=cfg.model.guidance_scale, eta=cfg.model.eta,
+                  num_inference_steps=cfg.model.num_inference_steps, negative_embeds=negative)
+    if cfg.lora.enabled:
+        add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                 target_modules=list(cfg.lora.target_modules))
+        policy = DiffusionPolicy(unet, scheduler, **kwargs)
+        prior = policy.frozen_prior()
+    else:
+        frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+        unet.requires_grad_(True)
+        policy = DiffusionPolicy(unet, scheduler, **kwargs)
+        prior = require_frozen(DiffusionPolicy(frozen, scheduler, **kwargs))
+    # 3. decoder and reward
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        vae.requires_grad_(False)
+    decode = _pixels if vae is None else _vae_decoder(vae)
+    reward = steer.rewards.get(cfg.reward.name, **dict(cfg.reward.kwargs))
+    if hasattr(reward, "to"):
+        reward = reward.to(device)
+    return Components(policy, prior, reward, decode, cond, pipe, cfg.lora.enabled)
+
+
+def build_objective_modules(
+    cfg: Config, parts: Components, device: torch.device
+) -> tuple[nn.Module | None, nn.Module | None]:
+    """``log Z`` (tb, rtb) and the flow network ``F̃`` (db, subtb), on ``device``."""
+    name, cond = cfg.objective.name, parts.cond
+    log_z = flow = None
+    if name in ("tb", "rtb"):
+        n = 1 if cond.prompts is None else len(cond.prompts)
+        mode = cfg.objective.log_z_mode
+        if mode == "auto":
+            mode = "table" if n <= MAX_LOG_Z_TABLE else "network"
+        if mode == "network" and cond.pooled is None:
+            raise ValueError("objective.log_z_mode=network needs a text-conditional model")
+        log_z = (LogZTable(n, cfg.objective.log_z_init) if mode == "table"
+                 else LogZNetwork(cond.pooled.shape[1], init=cfg.objective.log_z_init))
+    if name in ("db", "subtb"):
+        channels = parts.policy.sample_shape[0]
+        cond_dim = 0 if cond.pooled is None else cond.pooled.shape[1]
+        flow = FlowNetwork(channels, cond_dim=cond_dim)
+    log_z = None if log_z is None else log_z.to(device)
+    return log_z, (None if flow is None else flow.to(device))

@@ -1,0 +1,38 @@
+"""Training prompts: a single prompt, a text file (one per line) or a built-in list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from steer.train.config import PromptConfig
+
+BUILTIN: dict[str, list[str]] = {
+    # the short animal list used by DDPO-style experiments (a few common animals)
+    "simple-animals": [
+        "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer",
+        "cow", "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle",
+        "ant", "butterfly", "fish", "shark", "whale", "dolphin", "squirrel", "mouse", "rat",
+        "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly",
+        "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+    ],  # fmt: skip
+    "digits": [f"a handwritten digit {d}" for d in range(10)],
+}
+
+
+def load_prompts(cfg: PromptConfig) -> list[str] | None:
+    """The prompt set of a run, or ``None`` for an unconditional model."""
+    if cfg.prompt is not None:
+        if not cfg.prompt.strip():
+            raise ValueError("prompts.prompt is empty")
+        return [cfg.prompt]
+    if cfg.file is not None:
+        path = Path(cfg.file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts.file={path} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"prompts.file={path} holds no prompt (one per line expected)")
+        return prompts
+    if cfg.builtin is not None:
+        return list(BUILTIN[cfg.builtin])
+    return None

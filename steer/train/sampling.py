@@ -1,0 +1,130 @@
+"""Sample → reward: one rollout batch with everything the objectives need.
+
+The rollout runs without gradients under the current weights. The reward of ``x̂_θ(x_k)`` at
+every visited state (energy-difference DB, 3.5) is computed here, once, from the ``x̂`` the
+rollout already produced with the ε of its own UNet pass: no extra UNet pass, one decode and one
+reward call per visited state. The model producing ``x̂`` is therefore the policy at rollout time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from steer.diffusion import DiffusionPolicy, rollout
+from steer.train.config import Config
+from steer.train.losses import RolloutBatch, group_normalise
+
+Decode = Callable[[Tensor], Tensor]  # latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1]
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompt set (or none, for unconditional models)."""
+
+    prompts: list[str] | None
+    embeds: Tensor | None = None  # [P, L, D]
+    pooled: Tensor | None = None  # [P, D]
+
+    def draw(self, batch: int, generator: torch.Generator) -> Tensor | None:
+        """Prompt indices ``[B]`` drawn uniformly with this rank's generator."""
+        if self.prompts is None:
+            return None
+        return torch.randint(len(self.prompts), (batch,), generator=generator)
+
+
+class NonFiniteError(RuntimeError):
+    """A reward or loss was not finite; carries what is needed to report it."""
+
+    def __init__(self, term: str, indices: list[int], prompts: list[str] | None) -> None:
+        self.term, self.indices, self.prompts = term, indices, prompts
+        super().__init__(f"non-finite {term} at batch indices {indices} (prompts: {prompts})")
+
+
+def score(reward, images: Tensor, prompts: list[str] | None, chunk: int) -> Tensor:
+    """Raw reward ``[N]`` of images in chunks of ``chunk``, without gradients."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], chunk):
+            sub = None if prompts is None else prompts[i : i + chunk]
+            out.append(reward(images[i : i + chunk].float(), sub).float())
+    return torch.cat(out)
+
+
+def sample_batch(
+    cfg: Config,
+    policy: DiffusionPolicy,
+    prior: DiffusionPolicy | None,
+    reward,
+    decode: Decode,
+    cond: Conditioning,
+    generator: torch.Generator,
+    gather: Callable[[Tensor], Tensor],
+    rank: int = 0,
+) -> RolloutBatch:
+    """One rollout of ``cfg.train.batch_size`` trajectories, rewarded, ready for the objective."""
+    b, name = cfg.train.batch_size, cfg.objective.name
+    device = policy.device
+    # 1. prompts and the rollout (no grad)
+    idx = cond.draw(b, generator)
+    embeds = None if idx is None else cond.embeds[idx].to(device)
+    prompts = None if idx is None else [cond.prompts[i] for i in idx.tolist()]
+    needs_pred = name in ("db", "subtb")
+    with torch.no_grad():
+        traj = rollout(
+            policy,
+            batch_size=b if embeds is None else None,
+            cond=embeds,
+            num_inference_steps=cfg.model.num_inference_steps,
+            eta=cfg.model.eta,
+            generator=generator,
+            keep_pred_x0=needs_pred,
+        )
+        # 2. the reward of x_0, and of x̂_θ(x_k) at every visited state for db / subtb
+        images = decode(traj.x0)
+        raw = score(reward, images, prompts, b)  # [B]
+        log_reward = raw / cfg.objective.beta
+        log_reward_pred = None
+        if needs_pred:
+            k = traj.num_steps
+            flat = traj.pred_x0.flatten(0, 1)  # [B*K, ...]
+            rep = None if prompts is None else [p for p in prompts for _ in range(k)]
+            log_reward_pred = score(reward, decode(flat), rep, b * 4).view(b, k)
+            log_reward_pred = log_reward_pred / cfg.objective.beta
+        # 3. the frozen prior's log-probs on the same trajectory (rtb) — K no-grad passes
+        log_pf_prior = None
+        if name == "rtb":
+            log_pf_prior = torch.stack(
+                [
+                    prior.log_prob(traj.latents[:, j], traj.latents[:, j + 1], j, embeds)
+                    for j in range(traj.num_steps)
+                ],
+                dim=1,
+            )  # [B, K]
+    for term, values in (("reward", raw), ("reward of x̂", log_reward_pred)):
+        if values is not None and not bool(torch.isfinite(values).all()):
+            bad = torch.nonzero(~torch.isfinite(values.view(b, -1).sum(1))).flatten().tolist()
+            raise NonFiniteError(term, bad, None if prompts is None else [prompts[i] for i in bad])
+    # 4. advantages from rewards gathered over every process, normalised per prompt
+    advantages = None
+    if name in ("ddpo", "dpok"):
+        group = None if idx is None else idx.to(device)
+        all_raw = gather(raw)
+        all_group = None if group is None else gather(group)
+        advantages = group_normalise(all_raw, all_group, cfg.objective.advantage_clip)
+        advantages = advantages[rank * b : (rank + 1) * b]  # this process's rows
+    return RolloutBatch(
+        traj=traj,
+        raw_reward=raw,
+        log_reward=log_reward,
+        prompt_index=None if idx is None else idx.to(device),
+        pooled=None if idx is None or cond.pooled is None else cond.pooled[idx].to(device),
+        log_reward_pred=log_reward_pred,
+        log_pf_prior=log_pf_prior,
+        advantages=advantages,
+        extras={"prompts": prompts, "images": images},
+    )
+
