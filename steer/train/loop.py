@@ -93,8 +93,13 @@ def _handle_nonfinite(run: Run, err: NonFiniteError) -> None:
         run.skipped += 1
         run.optimizer.zero_grad(set_to_none=True)
         return
-    path = save_checkpoint(run.accelerator, run.out, run.state.step, run.cfg.to_dict(),
-                           run.cfg.log.checkpoints_total_limit)
+    path = save_checkpoint(
+        run.accelerator,
+        run.out,
+        run.state.step,
+        run.cfg.to_dict(),
+        run.cfg.log.checkpoints_total_limit,
+    )
     raise RuntimeError(
         f"stopped at step {run.state.step}: {err} (term: {err.term}); saved {path}. Set "
         "train.on_nonfinite=skip to skip and count such batches instead"
@@ -124,8 +129,12 @@ def setup(cfg: Config) -> Run:
     parts = build_components(cfg, acc.device)
     log_z, flow = build_objective_modules(cfg, parts, acc.device)
     objective = TrainObjective(cfg.objective, log_z=log_z, flow=flow)
-    groups = [{"params": [p for p in parts.policy.unet.parameters() if p.requires_grad],
-               "lr": cfg.train.lr}]
+    groups = [
+        {
+            "params": [p for p in parts.policy.unet.parameters() if p.requires_grad],
+            "lr": cfg.train.lr,
+        }
+    ]
     if log_z is not None:
         groups.append({"params": list(log_z.parameters()), "lr": cfg.objective.log_z_lr})
     if flow is not None:
@@ -168,17 +177,29 @@ def main(cfg: Config) -> Path:
     describe(run)
     _install_signal_handlers(run)
     acc, state = run.accelerator, run.state
-    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not acc.is_local_main_process,
-               desc=f"{cfg.objective.name}")
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=state.step,
+        disable=not acc.is_local_main_process,
+        desc=f"{cfg.objective.name}",
+    )
     start = time.time()
     while state.step < cfg.train.steps and not run.stop_signal:
         rewards, metrics = [], {}
         for _ in range(cfg.train.grad_accum):
             with acc.accumulate(run.parts.policy.unet):
                 try:
-                    batch = sample_batch(cfg, run.parts.policy, run.parts.prior, run.parts.reward,
-                                         run.parts.decode, run.parts.cond, state.generator,
-                                         acc.gather, acc.process_index)
+                    batch = sample_batch(
+                        cfg,
+                        run.parts.policy,
+                        run.parts.prior,
+                        run.parts.reward,
+                        run.parts.decode,
+                        run.parts.cond,
+                        state.generator,
+                        acc.gather,
+                        acc.process_index,
+                    )
                     metrics = train_on_batch(run, batch)
                 except NonFiniteError as err:
                     _handle_nonfinite(run, err)
@@ -186,8 +207,13 @@ def main(cfg: Config) -> Path:
                 rewards.append(acc.gather(batch.raw_reward).float().mean().item())
         grad_norm = sync_and_step(run)
         state.step += 1
-        record = {"step": state.step, "reward": sum(rewards) / max(len(rewards), 1),
-                  "grad_norm": grad_norm, "skipped": run.skipped, **metrics}
+        record = {
+            "step": state.step,
+            "reward": sum(rewards) / max(len(rewards), 1),
+            "grad_norm": grad_norm,
+            "skipped": run.skipped,
+            **metrics,
+        }
         state.history.append(record)
         if cfg.log.tracker != "none":
             acc.log(record, step=state.step)
@@ -196,12 +222,14 @@ def main(cfg: Config) -> Path:
         if cfg.log.eval_every and state.step % cfg.log.eval_every == 0:
             evaluate(run, tag=f"step-{state.step}")
         if cfg.log.checkpoint_every and state.step % cfg.log.checkpoint_every == 0:
-            save_checkpoint(acc, run.out, state.step, cfg.to_dict(),
-                            cfg.log.checkpoints_total_limit)
+            save_checkpoint(
+                acc, run.out, state.step, cfg.to_dict(), cfg.log.checkpoints_total_limit
+            )
     bar.close()
     if run.stop_signal:
-        path = save_checkpoint(acc, run.out, state.step, cfg.to_dict(),
-                               cfg.log.checkpoints_total_limit)
+        path = save_checkpoint(
+            acc, run.out, state.step, cfg.to_dict(), cfg.log.checkpoints_total_limit
+        )
         acc.print(f"signal {run.stop_signal[0]}: saved {path} and stopped cleanly")
         return run.out
     save_checkpoint(acc, run.out, state.step, cfg.to_dict(), cfg.log.checkpoints_total_limit)
@@ -209,4 +237,3 @@ def main(cfg: Config) -> Path:
     save_final(run, wall_time=time.time() - start)
     acc.end_training()
     return run.out
-

@@ -71,8 +71,13 @@ def load_pipeline(cfg: Config) -> Any:
 
 def _encode_prompts(pipe: Any, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
     """Prompt embeddings ``[P, L, D]`` and pooled embeddings ``[P, D]`` of the text encoder."""
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
+    tok = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = pipe.text_encoder(tok.input_ids.to(device))
     return out.last_hidden_state.float(), out.pooler_output.float()
@@ -90,8 +95,10 @@ def build_components(cfg: Config, device: torch.device) -> Components:
     # 1. prompts (conditional models only)
     prompts = load_prompts(cfg.prompts)
     if conditional and prompts is None:
-        raise ValueError("a text-conditional model needs prompts: set prompts.prompt, "
-                         "prompts.file or prompts.builtin")
+        raise ValueError(
+            "a text-conditional model needs prompts: set prompts.prompt, "
+            "prompts.file or prompts.builtin"
+        )
     if not conditional and prompts is not None:
         raise ValueError(f"model {cfg.model.pretrained} is unconditional: remove the prompts")
     cond, negative = Conditioning(prompts), None
@@ -103,11 +110,19 @@ def build_components(cfg: Config, device: torch.device) -> Components:
     # 2. trainable weights: LoRA adapters, or the whole UNet with a frozen copy as the prior
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    kwargs = dict(guidance_scale=cfg.model.guidance_scale, eta=cfg.model.eta,
-                  num_inference_steps=cfg.model.num_inference_steps, negative_embeds=negative)
+    kwargs = dict(
+        guidance_scale=cfg.model.guidance_scale,
+        eta=cfg.model.eta,
+        num_inference_steps=cfg.model.num_inference_steps,
+        negative_embeds=negative,
+    )
     if cfg.lora.enabled:
-        add_lora(unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                 target_modules=list(cfg.lora.target_modules))
+        add_lora(
+            unet,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            target_modules=list(cfg.lora.target_modules),
+        )
         policy = DiffusionPolicy(unet, scheduler, **kwargs)
         prior = policy.frozen_prior()
     else:
@@ -139,8 +154,11 @@ def build_objective_modules(
             mode = "table" if n <= MAX_LOG_Z_TABLE else "network"
         if mode == "network" and cond.pooled is None:
             raise ValueError("objective.log_z_mode=network needs a text-conditional model")
-        log_z = (LogZTable(n, cfg.objective.log_z_init) if mode == "table"
-                 else LogZNetwork(cond.pooled.shape[1], init=cfg.objective.log_z_init))
+        log_z = (
+            LogZTable(n, cfg.objective.log_z_init)
+            if mode == "table"
+            else LogZNetwork(cond.pooled.shape[1], init=cfg.objective.log_z_init)
+        )
     if name in ("db", "subtb"):
         channels = parts.policy.sample_shape[0]
         cond_dim = 0 if cond.pooled is None else cond.pooled.shape[1]

@@ -67,10 +67,11 @@ class FlowNetwork(nn.Module):
         self.cond_dim = cond_dim
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        h = self.conv(x.float()).mean(dim=(2, 3))  # [B, W]
-        feats = timestep_features(t.expand(x.shape[0]), self.t_dim)  # [B, t_dim]
+        dtype = self.embed.weight.dtype  # run in the network's own precision
+        h = self.conv(x.to(dtype)).mean(dim=(2, 3))  # [B, W]
+        feats = timestep_features(t.expand(x.shape[0]), self.t_dim).to(dtype)  # [B, t_dim]
         if self.cond_dim:
             if cond is None:
                 raise ValueError("this FlowNetwork was built with cond_dim > 0: pass cond [B, D]")
-            feats = torch.cat([feats, cond.float()], dim=-1)
+            feats = torch.cat([feats, cond.to(dtype)], dim=-1)
         return self.head(h + self.embed(feats)).squeeze(-1)  # [B]

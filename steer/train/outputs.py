@@ -69,8 +69,9 @@ def save_grid(images: Tensor, path: Path, nrow: int | None = None) -> None:
     from torchvision.utils import save_image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float().cpu(), str(path), nrow=nrow or max(1, int(len(images) ** 0.5)),
-               padding=1)
+    save_image(
+        images.float().cpu(), str(path), nrow=nrow or max(1, int(len(images) ** 0.5)), padding=1
+    )
 
 
 def evaluate(run: Run, tag: str) -> dict[str, float]:
@@ -85,13 +86,20 @@ def evaluate(run: Run, tag: str) -> dict[str, float]:
     embeds = None
     if prompts:
         prompts = [prompts[i % len(prompts)] for i in range(n)]
-        idx = torch.tensor([parts.cond.prompts.index(p) if p in parts.cond.prompts else 0
-                            for p in prompts])
+        idx = torch.tensor(
+            [parts.cond.prompts.index(p) if p in parts.cond.prompts else 0 for p in prompts]
+        )
         embeds = parts.cond.embeds[idx].to(acc.device)
     with torch.no_grad(), acc.autocast():
-        traj = rollout(parts.policy, batch_size=None if embeds is not None else n, cond=embeds,
-                       num_inference_steps=cfg.model.num_inference_steps, eta=cfg.model.eta,
-                       generator=gen, keep_pred_x0=False)
+        traj = rollout(
+            parts.policy,
+            batch_size=None if embeds is not None else n,
+            cond=embeds,
+            num_inference_steps=cfg.model.num_inference_steps,
+            eta=cfg.model.eta,
+            generator=gen,
+            keep_pred_x0=False,
+        )
         images = parts.decode(traj.x0)
         rewards = score(parts.reward, images, prompts, n)
     result = {"eval/reward": float(rewards.mean()), "eval/diversity": diversity(images)}
@@ -140,11 +148,17 @@ def save_final(run: Run, wall_time: float) -> None:
     for name in ("log_z", "flow"):
         module = getattr(run.objective, name)
         if module is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                      str(out / f"{name}.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                str(out / f"{name}.safetensors"),
+            )
     if run.state.history:
         plot_curves(run.state.history, out / "curves.png")
-    summary = {"steps": run.state.step, "skipped_batches": run.skipped,
-               "wall_time_s": wall_time, "last": run.state.history[-1] if run.state.history else {}}
+    summary = {
+        "steps": run.state.step,
+        "skipped_batches": run.skipped,
+        "wall_time_s": wall_time,
+        "last": run.state.history[-1] if run.state.history else {},
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     acc.print(f"outputs written to {out}")

@@ -127,4 +127,3 @@ def sample_batch(
         advantages=advantages,
         extras={"prompts": prompts, "images": images},
     )
-

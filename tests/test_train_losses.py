@@ -1,0 +1,155 @@
+"""The trainer's step-by-step surrogates give the exact gradient of each objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steer import objectives as O
+from steer.train.config import ObjectiveConfig, load_config
+from steer.train.losses import RolloutBatch, StepTerms, TrainObjective, group_normalise
+from steer.train.modules import FlowNetwork, LogZTable
+from steer.trajectory import Trajectory
+
+B, K = 6, 4
+
+
+def _setup(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(K, generator=g, dtype=torch.float64).requires_grad_(True)
+    feats = torch.randn(B, K, generator=g, dtype=torch.float64)
+    traj = Trajectory(
+        latents=torch.randn(B, K + 1, 1, 4, 4, generator=g),
+        timesteps=torch.arange(K, 0, -1) * 10,
+        log_pf=torch.zeros(B, K, dtype=torch.float64),
+        log_pb=torch.randn(B, K, generator=g, dtype=torch.float64),
+        log_p_init=torch.randn(B, generator=g, dtype=torch.float64),
+    )
+    batch = RolloutBatch(
+        traj=traj,
+        raw_reward=torch.randn(B, generator=g, dtype=torch.float64),
+        log_reward=torch.randn(B, generator=g, dtype=torch.float64),
+        prompt_index=torch.tensor([0, 1, 0, 1, 1, 0]),
+        log_reward_pred=torch.randn(B, K, generator=g, dtype=torch.float64),
+        log_pf_prior=torch.randn(B, K, generator=g, dtype=torch.float64),
+    )
+
+    def log_pf_of(k: int) -> torch.Tensor:  # a differentiable stand-in for the UNet's log P_F
+        return torch.sin(theta[k] * feats[:, k]) * 3
+
+    traj.log_pf = torch.stack([log_pf_of(k) for k in range(K)], 1).detach()
+    return theta, batch, log_pf_of
+
+
+@pytest.mark.parametrize("name", ["tb", "vargrad", "rtb", "db", "subtb"])
+@pytest.mark.parametrize("penalty", ["squared", "huber"])
+def test_surrogate_gradient_equals_end_to_end_gradient(name: str, penalty: str) -> None:
+    theta, batch, log_pf_of = _setup()
+    cfg = ObjectiveConfig(name=name, penalty=penalty)
+    log_z = LogZTable(2, init=0.3).double()
+    flow = FlowNetwork(1, width=8).double()
+    torch.nn.init.normal_(flow.head[-1].weight)  # non-zero flows
+    obj = TrainObjective(cfg, log_z=log_z, flow=flow)
+    batch.traj.latents = batch.traj.latents.double()
+    # 1. the step-by-step surrogate
+    direct, _ = obj.prepare(batch)
+    total = direct
+    for k in range(K):
+        total = total + obj.step_loss(batch, k, StepTerms(log_pf_of(k)), K)
+    surrogate = torch.autograd.grad(total, [theta, log_z.values], allow_unused=True)
+    # 2. the objective computed end to end with a differentiable log P_F
+    full_pf = torch.stack([log_pf_of(k) for k in range(K)], 1)
+    loss, _ = TrainObjective(cfg, log_z=log_z, flow=flow)._loss_of_log_pf(batch, full_pf)
+    exact = torch.autograd.grad(loss, [theta, log_z.values], allow_unused=True)
+    torch.testing.assert_close(surrogate[0], exact[0])
+    if exact[1] is not None:
+        torch.testing.assert_close(surrogate[1], exact[1])
+
+
+def test_subset_of_steps_is_unbiased() -> None:
+    theta, batch, log_pf_of = _setup(1)
+    obj = TrainObjective(ObjectiveConfig(name="tb"), log_z=LogZTable(2).double())
+    obj.prepare(batch)
+    full = sum(obj.step_loss(batch, k, StepTerms(log_pf_of(k)), K) for k in range(K))
+    (g_full,) = torch.autograd.grad(full, theta)
+    # the average over every single-step subset equals the full gradient
+    singles = [
+        torch.autograd.grad(obj.step_loss(batch, k, StepTerms(log_pf_of(k)), 1), theta)[0]
+        for k in range(K)
+    ]
+    torch.testing.assert_close(torch.stack(singles).mean(0), g_full)
+
+
+def test_ddpo_ratio_is_one_on_policy_and_clipped() -> None:
+    _, batch, log_pf_of = _setup()
+    batch.advantages = group_normalise(batch.raw_reward, batch.prompt_index, 5.0)
+    obj = TrainObjective(ObjectiveConfig(name="ddpo", clip_range=0.1, ratio_per_dim=False))
+    obj.prepare(batch)
+    on_policy = obj.step_loss(batch, 0, StepTerms(batch.traj.log_pf[:, 0]), 1)
+    torch.testing.assert_close(on_policy, -batch.advantages.mean())
+    far = obj.step_loss(batch, 0, StepTerms(batch.traj.log_pf[:, 0] + 5.0), 1)
+    expected = torch.maximum(-batch.advantages * torch.e**5, -batch.advantages * 1.1).mean()
+    torch.testing.assert_close(far, expected)
+
+
+def test_dpok_kl_is_the_closed_form_gaussian_kl() -> None:
+    _, batch, _ = _setup()
+    batch.advantages = torch.zeros(B, dtype=torch.float64)
+    obj = TrainObjective(ObjectiveConfig(name="dpok", kl_weight=1.0))
+    mean, prior_mean = (
+        torch.randn(B, 3, dtype=torch.float64),
+        torch.randn(B, 3, dtype=torch.float64),
+    )
+    std = torch.full((B,), 0.7, dtype=torch.float64)
+    loss = obj.step_loss(batch, 0, StepTerms(torch.zeros(B), mean, std, prior_mean), K)
+    p = torch.distributions.Normal(mean, 0.7)
+    q = torch.distributions.Normal(prior_mean, 0.7)
+    torch.testing.assert_close(loss, torch.distributions.kl_divergence(p, q).sum(1).mean())
+
+
+def test_group_normalise_per_prompt() -> None:
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    adv = group_normalise(r, torch.tensor([0, 0, 0, 1, 1, 1]), clip=10.0)
+    torch.testing.assert_close(adv[:3], adv[3:])
+    assert abs(adv[:3].mean().item()) < 1e-6
+
+
+def test_rtb_identity_through_the_trainer() -> None:
+    """At log P_F^post = log P_F^prior + (log r - log Z)/K the RTB loss and gradient vanish."""
+    _, batch, _ = _setup()
+    log_z = LogZTable(2, init=0.0).double()
+    with torch.no_grad():
+        log_z.values.fill_(0.4)
+    batch.traj.log_pf = batch.log_pf_prior + ((batch.log_reward - 0.4) / K)[:, None]
+    obj = TrainObjective(ObjectiveConfig(name="rtb"), log_z=log_z)
+    loss, metrics = obj.prepare(batch)
+    assert loss.item() < 1e-20 and metrics["residual_abs"] < 1e-10
+    d = O.relative_trajectory_balance(batch.traj.log_pf, batch.log_pf_prior, batch.log_reward, 0.4)
+    assert d.abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("objective.name=ppo", "objective.name='ppo' is not valid; choose one of tb, rtb"),
+        ("objective.beta=0", "objective.beta must be > 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1"),
+        ("objective.train_fraction=1.5", "train_fraction must be in"),
+        ("train.mixed_precision=fp8", "choose one of no, fp16, bf16"),
+    ],
+)
+def test_bad_config_raises(override: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_presets_load(tmp_path) -> None:
+    from pathlib import Path
+
+    presets = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+    assert len(presets) >= 7
+    for p in presets:
+        cfg = load_config(p)
+        assert cfg.objective.name in ("tb", "rtb", "db", "ddpo", "dpok")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
