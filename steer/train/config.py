@@ -109,7 +109,7 @@ class RewardConfig:
     """A reward of ``steer.rewards`` by name, with its keyword arguments."""
 
     name: str = "digits-classifier"
-    kwargs: dict[str, Any] = field(default_factory=lambda: {"target": 3})
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

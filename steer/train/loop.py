@@ -8,6 +8,7 @@ over processes in one all-reduce per optimiser step instead.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Run:
     state: TrainState
     out: Path
     skipped: int = 0
+    first_noise_checksum: float = float("nan")
     stop_signal: list[int] = field(default_factory=list)
 
 
@@ -205,6 +207,8 @@ def main(cfg: Config) -> Path:
                     _handle_nonfinite(run, err)
                     continue
                 rewards.append(acc.gather(batch.raw_reward).float().mean().item())
+                if math.isnan(run.first_noise_checksum):  # the first batch of this run
+                    run.first_noise_checksum = float(batch.traj.latents[:, 0].double().sum())
         grad_norm = sync_and_step(run)
         state.step += 1
         record = {

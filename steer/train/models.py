@@ -37,12 +37,9 @@ def _pixels(x: Tensor) -> Tensor:
     return img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
 
 
-def _vae_decoder(vae: nn.Module) -> Decode:
-    scale = float(vae.config.scaling_factor)
-
+def _latent_decoder(pipe: Any) -> Decode:
     def decode(latents: Tensor) -> Tensor:
-        out = vae.decode(latents.to(vae.dtype) / scale).sample
-        return (out.float() / 2 + 0.5).clamp(0, 1)
+        return (pipe.decode_latents(latents).float() / 2 + 0.5).clamp(0, 1)
 
     return decode
 
@@ -59,10 +56,8 @@ def load_pipeline(cfg: Config) -> Any:
     if name in ("tiny", "tiny-unconditional"):
         from steer import testing
 
-        torch.manual_seed(0)  # the same tiny weights on every process
-        if name == "tiny":
-            return testing.tiny_stable_diffusion_pipeline()
-        return testing.tiny_ddpm_pipeline()
+        # seeded: the same tiny weights on every process
+        return testing.tiny_sd_pipeline(seed=0) if name == "tiny" else testing.tiny_ddpm_pipeline()
     path = Path(name)
     is_sd = (path / "text_encoder").is_dir() if path.is_dir() else True
     cls = SteerStableDiffusionPipeline if is_sd else SteerDDPMPipeline
@@ -134,7 +129,7 @@ def build_components(cfg: Config, device: torch.device) -> Components:
     vae = getattr(pipe, "vae", None)
     if vae is not None:
         vae.requires_grad_(False)
-    decode = _pixels if vae is None else _vae_decoder(vae)
+    decode = _pixels if vae is None else _latent_decoder(pipe)
     reward = steer.rewards.get(cfg.reward.name, **dict(cfg.reward.kwargs))
     if hasattr(reward, "to"):
         reward = reward.to(device)

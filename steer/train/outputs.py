@@ -101,7 +101,7 @@ def evaluate(run: Run, tag: str) -> dict[str, float]:
             keep_pred_x0=False,
         )
         images = parts.decode(traj.x0)
-        rewards = score(parts.reward, images, prompts, n)
+        rewards = score(parts.reward, images, prompts)
     result = {"eval/reward": float(rewards.mean()), "eval/diversity": diversity(images)}
     if acc.is_main_process:
         save_grid(images, run.out / "eval" / f"{tag}.png")
@@ -131,17 +131,28 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def process_report(run: Run) -> dict:
+    """Per-process facts, gathered: world size, a checksum of each rank's trainable weights
+    (equal when the ranks stay in sync) and of its first rollout noise (different per rank)."""
+    acc = run.accelerator
+    weights = torch.stack([p.detach().double().sum() for p in run.params]).sum()
+    first = torch.tensor(float(run.first_noise_checksum), dtype=torch.float64)
+    both = acc.gather(torch.stack([weights, first]).to(acc.device)[None]).cpu()  # [world, 2]
+    return {"world_size": acc.num_processes, "weights_checksum": both[:, 0].tolist(),
+            "first_noise_checksum": both[:, 1].tolist()}
+
+
 def save_final(run: Run, wall_time: float) -> None:
     """LoRA weights loadable by diffusers (or the full UNet), log Z and flow, curves, summary."""
     acc, parts, out = run.accelerator, run.parts, run.out
+    processes = process_report(run)
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return
+    (out / "processes.json").write_text(json.dumps(processes, indent=2))
     unet = acc.unwrap_model(parts.policy.unet)
-    if parts.lora:
-        from steer.diffusion import save_unet_lora
-
-        save_unet_lora(unet, out / "lora")
+    if parts.lora:  # diffusers' own LoRA format: pipe.load_lora_weights(out / "lora")
+        parts.pipeline.save_lora_weights(out / "lora")
     else:
         unet.save_pretrained(out / "unet")
         parts.policy.scheduler.save_pretrained(out / "scheduler")

@@ -44,14 +44,10 @@ class NonFiniteError(RuntimeError):
         super().__init__(f"non-finite {term} at batch indices {indices} (prompts: {prompts})")
 
 
-def score(reward, images: Tensor, prompts: list[str] | None, chunk: int) -> Tensor:
-    """Raw reward ``[N]`` of images in chunks of ``chunk``, without gradients."""
-    out = []
+def score(reward, images: Tensor, prompts: list[str] | None) -> Tensor:
+    """Raw reward ``[N]`` of images, without gradients (the reward batches internally)."""
     with torch.no_grad():
-        for i in range(0, images.shape[0], chunk):
-            sub = None if prompts is None else prompts[i : i + chunk]
-            out.append(reward(images[i : i + chunk].float(), sub).float())
-    return torch.cat(out)
+        return reward(images.float(), prompts).float()
 
 
 def sample_batch(
@@ -85,14 +81,14 @@ def sample_batch(
         )
         # 2. the reward of x_0, and of x̂_θ(x_k) at every visited state for db / subtb
         images = decode(traj.x0)
-        raw = score(reward, images, prompts, b)  # [B]
+        raw = score(reward, images, prompts)  # [B]
         log_reward = raw / cfg.objective.beta
         log_reward_pred = None
         if needs_pred:
             k = traj.num_steps
             flat = traj.pred_x0.flatten(0, 1)  # [B*K, ...]
             rep = None if prompts is None else [p for p in prompts for _ in range(k)]
-            log_reward_pred = score(reward, decode(flat), rep, b * 4).view(b, k)
+            log_reward_pred = score(reward, decode(flat), rep).view(b, k)
             log_reward_pred = log_reward_pred / cfg.objective.beta
         # 3. the frozen prior's log-probs on the same trajectory (rtb) — K no-grad passes
         log_pf_prior = None

@@ -1,0 +1,209 @@
+"""The reward contract: ``reward(images, prompts) -> Tensor[B]`` of raw scores (THEORY §1).
+
+A reward is an ``nn.Module`` whose parameters are frozen (gradients reach the *pixels*, never the
+reward model). ``Reward.forward`` validates the input, splits it into chunks of ``batch_size``,
+calls the subclass's :meth:`Reward.score` on each chunk and checks that every score is finite.
+
+Device and dtype follow the caller: the model computes where the caller put it
+(``reward.to(device, dtype)``; nothing here calls ``.cuda()``), the images are moved to the model's
+device and dtype for the computation (differentiably), and the scores come back on the images'
+device and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "NonFiniteRewardError",
+    "Reward",
+    "check_images",
+    "check_prompts",
+    "resize_center_crop",
+    "normalize",
+]
+
+
+class NonFiniteRewardError(ValueError):
+    """A reward model returned NaN or +-inf for some image."""
+
+
+def check_images(images: object) -> Tensor:
+    """Validate a batch of images: a float tensor ``[B, 3, H, W]`` with B, H, W > 0, values in
+    ``[0, 1]`` and no NaN. Returns the tensor unchanged; raises TypeError / ValueError naming what
+    was seen and what is expected."""
+    if not isinstance(images, Tensor):
+        raise TypeError(
+            f"images must be a torch.Tensor [B, 3, H, W] in [0, 1], got {type(images).__name__}"
+        )
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}; "
+            "convert uint8 images with images.float() / 255"
+        )
+    if images.ndim != 4:
+        raise ValueError(
+            f"images must have rank 4 [B, 3, H, W], got rank {images.ndim} with shape "
+            f"{tuple(images.shape)}"
+        )
+    if images.shape[1] != 3:
+        raise ValueError(
+            f"images must have 3 channels (RGB) in dim 1 of [B, 3, H, W], got shape "
+            f"{tuple(images.shape)}"
+        )
+    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"images must be a non-empty batch, got shape {tuple(images.shape)}")
+    with torch.no_grad():
+        n_nan = int(torch.isnan(images).sum())
+        if n_nan:
+            raise ValueError(
+                f"images contain {n_nan} NaN pixel value(s) (shape {tuple(images.shape)})"
+            )
+        lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+            "map [-1, 1] outputs with (x + 1) / 2 and clamp"
+        )
+    return images
+
+
+def check_prompts(prompts: object, batch: int, required: bool, name: str) -> list[str] | None:
+    """Validate prompts: ``None`` (only if the reward ignores them) or a sequence of ``batch``
+    strings. A bare string is refused (it would be read as one prompt per character)."""
+    if prompts is None:
+        if required:
+            raise ValueError(
+                f"reward {name!r} needs one prompt per image: pass prompts as a list of {batch} "
+                "strings"
+            )
+        return None
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(
+            f"prompts must be a list of {batch} strings (one per image), got "
+            f"{type(prompts).__name__}; for one prompt use [prompt] * {batch}"
+        )
+    if len(prompts) != batch:
+        raise ValueError(
+            f"got {len(prompts)} prompts for a batch of {batch} images; pass one prompt per image"
+        )
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(
+            f"prompts must be strings; prompt {bad[0]} is {type(prompts[bad[0]]).__name__}"
+        )
+    return list(prompts)
+
+
+def resize_center_crop(images: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Differentiable counterpart of ``Resize(shortest side, bicubic) + CenterCrop`` on
+    ``[B, 3, H, W]`` images in [0, 1]; the result is clamped to [0, 1] like a PIL round trip."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    _, _, h, w = images.shape
+    # 1. scale so that the shorter side matches the crop's (OpenAI CLIP / BLIP eval transforms);
+    #    the longer side is truncated as torchvision's Resize(int) does
+    if out_h == out_w:
+        short, long = min(h, w), max(h, w)
+        new_long = max(out_h, int(out_h * long / short))
+        new_h, new_w = (out_h, new_long) if h <= w else (new_long, out_h)
+    else:
+        scale = max(out_h / h, out_w / w)
+        new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        dtype = images.dtype  # antialiased bicubic in float32 for half / bfloat16 inputs
+        work = images.float() if dtype in (torch.float16, torch.bfloat16) else images
+        images = F.interpolate(
+            work, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+        ).to(dtype)
+    # 2. center crop
+    top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))
+    images = images[:, :, top : top + out_h, left : left + out_w]  # [B, 3, out_h, out_w]
+    return images.clamp(0.0, 1.0)
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Channel-wise ``(x - mean) / std`` on ``[B, 3, H, W]``."""
+    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+class Reward(nn.Module):
+    """Base class of every reward: subclasses set the attributes and implement :meth:`score`.
+
+    Attributes:
+        name: registry name.
+        differentiable: whether gradients reach the pixels.
+        input_size: the (H, W) the model sees after resizing, or None (any size).
+        source: where the weights come from (hub id, path, "random (test form)", ...).
+        needs_prompts: whether ``prompts`` is required.
+        batch_size: images per forward pass of the model.
+    """
+
+    name: str = "reward"
+    differentiable: bool = False
+    input_size: tuple[int, int] | None = None
+    source: str = ""
+    needs_prompts: bool = False
+
+    def __init__(self, batch_size: int = 32) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
+        """Raw scores ``[b]`` of one validated chunk ``[b, 3, H, W]`` already on the model's
+        device and dtype."""
+        raise NotImplementedError
+
+    def _model_place(self, images: Tensor) -> tuple[torch.device, torch.dtype]:
+        p = next(self.parameters(), None)
+        return (p.device, p.dtype) if p is not None else (images.device, images.dtype)
+
+    def freeze(self) -> Reward:
+        """Eval mode (dropout off) and frozen parameters; returns self."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+        """Scores ``[B]`` of ``images [B, 3, H, W]`` in [0, 1] (with one prompt per image where
+        the reward needs them), computed in chunks of ``batch_size``."""
+        # 1. validate
+        images = check_images(images)
+        batch = images.shape[0]
+        plist = check_prompts(prompts, batch, self.needs_prompts, self.name)
+        device, dtype = self._model_place(images)
+        # 2. score chunk by chunk on the model's device / dtype
+        chunks = []
+        for start in range(0, batch, self.batch_size):
+            stop = min(start + self.batch_size, batch)
+            x = images[start:stop].to(device=device, dtype=dtype)
+            s = self.score(x, None if plist is None else plist[start:stop])
+            if s.shape != (stop - start,):
+                raise RuntimeError(
+                    f"reward {self.name!r}: score() returned shape {tuple(s.shape)}, "
+                    f"expected ({stop - start},)"
+                )
+            # 3. never turn a non-finite score into a number: name the reward and the index
+            bad = (~torch.isfinite(s.detach())).nonzero().flatten()
+            if bad.numel():
+                i = start + int(bad[0])
+                raise NonFiniteRewardError(
+                    f"reward {self.name!r} returned a non-finite score {float(s[bad[0]])} for "
+                    f"batch index {i} ({bad.numel()} non-finite in images[{start}:{stop}])"
+                )
+            chunks.append(s)
+        return torch.cat(chunks).to(device=images.device, dtype=images.dtype)  # [B]
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, differentiable={self.differentiable}, "
+            f"input_size={self.input_size}, batch_size={self.batch_size}, source={self.source!r}"
+        )

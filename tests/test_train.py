@@ -1,0 +1,172 @@
+"""The fine-tuning loop on tiny pipelines (CPU): every objective, resume, accumulation,
+precision, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import steer.rewards
+from steer.train.config import load_config
+from steer.train.loop import main, setup, train_on_batch
+from steer.train.sampling import sample_batch
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (precision, accumulation)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class Darkness(steer.rewards.Reward):
+    """A cheap differentiable test reward: ten times minus the mean brightness."""
+
+    name = "test-darkness"
+    differentiable = True
+
+    def score(self, images, prompts):
+        return -10 * images.mean(dim=(1, 2, 3))
+
+
+steer.rewards.register("test-darkness", Darkness, differentiable=True, replace=True)
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    base = [
+        "model.pretrained=tiny", "model.num_inference_steps=2", "lora.rank=2", "lora.alpha=2",
+        "reward.name=jpeg-compressibility", "prompts.builtin=simple-animals", "train.steps=1",
+        "train.batch_size=2", "log.tracker=none", "log.num_eval_samples=2",
+        f"log.output_dir={tmp_path}", "objective.beta=0.1",
+    ]  # fmt: skip
+    return load_config(None, base + list(overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["tb", "rtb", "db", "vargrad", "subtb", "ddpo", "dpok"])
+def test_every_objective_runs_and_writes_outputs(tmp_path: Path, objective: str) -> None:
+    out = main(_cfg(tmp_path, f"objective.name={objective}", "objective.train_fraction=0.5"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in summary["last"].items()
+               if k in ("loss", "reward", "grad_norm"))
+    for name in ("config.yaml", "curves.png", "eval/final.png", "lora", "checkpoint-1"):
+        assert (out / name).exists(), name
+    if objective in ("tb", "rtb"):
+        assert "values" in load_file(str(out / "log_z.safetensors"))
+    if objective in ("db", "subtb"):
+        assert (out / "flow.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["tb", "rtb"])
+def test_tb_and_rtb_lower_the_residual(tmp_path: Path, objective: str) -> None:
+    cfg = _cfg(tmp_path, "model.pretrained=tiny-unconditional", "prompts.builtin=null",
+               "reward.name=test-darkness", "objective.beta=1.0", f"objective.name={objective}",
+               "lora.enabled=false", "train.steps=25", "train.batch_size=8", "train.lr=2e-3",
+               "objective.log_z_lr=0.3")
+    history = json.loads((main(cfg) / "summary.json").read_text())
+    run_hist = torch.load(sorted((tmp_path).glob("*/checkpoint-25"))[0] / "custom_checkpoint_0.pkl",
+                          weights_only=True)["history"]
+    first = sum(h["residual_abs"] for h in run_hist[:5]) / 5
+    last = sum(h["residual_abs"] for h in run_hist[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert history["steps"] == 25
+
+
+def test_resume_equals_straight_run(tmp_path: Path) -> None:
+    common = ("objective.name=tb", "train.batch_size=2", "log.checkpoints_total_limit=5")
+    straight = main(_cfg(tmp_path / "a", "train.steps=2", *common))
+    main(_cfg(tmp_path / "b", "train.steps=1", "log.run_name=r", *common))
+    resumed = main(_cfg(tmp_path / "b", "train.steps=2", "log.run_name=r",
+                        "log.resume_from_checkpoint=latest", *common))
+    assert resumed == tmp_path / "b" / "r"
+    for name in ("lora/pytorch_lora_weights.safetensors", "log_z.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="objective.name: 'tb' -> 'rtb'"):
+        main(_cfg(tmp_path / "b", "train.steps=3", "log.run_name=r",
+                  "log.resume_from_checkpoint=latest", "objective.name=rtb"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(_cfg(tmp_path / "c", "log.resume_from_checkpoint=/nonexistent/checkpoint-3"))
+
+
+def test_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
+    """4 trajectories x 1 step and 1 x 4 accumulated give the same gradient (tb)."""
+    grads = {}
+    for accum in (1, 4):
+        run = setup(_cfg(tmp_path / str(accum), "objective.name=tb", "train.batch_size=4",
+                         f"train.grad_accum={accum}"))
+        torch.manual_seed(0)
+        batch = sample_batch(run.cfg, run.parts.policy, run.parts.prior, run.parts.reward,
+                             run.parts.decode, run.parts.cond, torch.Generator().manual_seed(1),
+                             run.accelerator.gather)
+        pieces = [batch] if accum == 1 else [_slice(batch, i) for i in range(4)]
+        for piece in pieces:
+            with run.accelerator.accumulate(run.parts.policy.unet):
+                train_on_batch(run, piece)
+        grads[accum] = torch.cat([p.grad.flatten() for p in run.params])
+    # float32 sums of large per-trajectory log-densities: compare relative to the gradient norm
+    assert (grads[1] - grads[4]).norm() <= 1e-4 * grads[1].norm()
+    assert grads[1].norm() > 0
+
+
+def _slice(batch, i):
+    from dataclasses import replace
+
+    sel = slice(i, i + 1)
+    return replace(batch, traj=batch.traj[sel], raw_reward=batch.raw_reward[sel],
+                   log_reward=batch.log_reward[sel], prompt_index=batch.prompt_index[sel])
+
+
+def test_bf16_keeps_trainable_weights_float32(tmp_path: Path) -> None:
+    run = setup(_cfg(tmp_path, "train.mixed_precision=bf16", "objective.name=tb"))
+    batch = sample_batch(run.cfg, run.parts.policy, run.parts.prior, run.parts.reward,
+                         run.parts.decode, run.parts.cond, torch.Generator().manual_seed(0),
+                         run.accelerator.gather)
+    train_on_batch(run, batch)
+    assert all(p.dtype == torch.float32 for p in run.params)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in run.params)
+
+
+def test_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="prompts.file=.*does not exist"):
+        main(_cfg(tmp_path, "prompts.builtin=null", f"prompts.file={tmp_path / 'none.txt'}"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        main(_cfg(tmp_path, "prompts.builtin=null", f"prompts.file={tmp_path / 'empty.txt'}"))
+    with pytest.raises(KeyError, match="unknown reward 'nope'"):
+        main(_cfg(tmp_path, "reward.name=nope"))
+
+
+@pytest.mark.slow
+def test_two_processes(tmp_path: Path) -> None:
+    """accelerate launch with two CPU processes: world size 2, different noise, same weights."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "scripts" / "finetune.py"), "--config", str(ROOT / "configs" /
+           "tiny_jpeg_tb.yaml"), "train.steps=2", "model.num_inference_steps=2",
+           f"log.output_dir={tmp_path}", "log.num_eval_samples=2"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*/processes.json")).read_text())
+    assert report["world_size"] == 2
+    noise = report["first_noise_checksum"]
+    assert noise[0] != noise[1]
+    weights = report["weights_checksum"]
+    assert weights[0] == pytest.approx(weights[1], rel=1e-6, abs=1e-9)
