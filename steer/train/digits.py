@@ -51,7 +51,7 @@ class DigitsPriorConfig:
     attention: bool = False
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    train: DDPMTrainConfig = field(default_factory=lambda: DDPMTrainConfig(steps=1000))
+    train: DDPMTrainConfig = field(default_factory=lambda: DDPMTrainConfig(steps=600))
     grid_steps: int = 50  # DDIM steps (eta = 1) for the sample grid saved next to the weights
 
     def __post_init__(self) -> None:
@@ -113,6 +113,7 @@ def train_digits_prior(config: DigitsPriorConfig, folder: Path, progress: bool =
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "n_parameters": n_params,
         "n_images": len(data),
+        "sampling": {"scheduler": "DDIMScheduler", "num_inference_steps": 50, "eta": 1.0},
         "config": asdict(config),
     }
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -133,7 +134,7 @@ def load_or_train_digits_prior(
     """
     config = config or DigitsPriorConfig()
     folder = prior_folder(cache_dir, config)
-    if not force and (folder / INFO_FILE).is_file():
+    if not force and folder.exists():
         try:
             _check_prior(folder)
             return folder
@@ -181,7 +182,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--cache-dir", default=None, help="cache folder (default $STEER_CACHE or ~/.cache/steer)"
     )
-    p.add_argument("--steps", type=int, default=None, help="prior training steps (default 1000)")
+    p.add_argument("--steps", type=int, default=None, help="prior training steps (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="retrain even when cached")
     p.add_argument("--no-prior", action="store_true", help="only the classifier")

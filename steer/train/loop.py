@@ -175,6 +175,7 @@ def describe(run: Run) -> None:
 
 def main(cfg: Config) -> Path:
     """Run a fine-tuning job from a config; returns its output folder."""
+    start = time.time()  # wall time includes loading (and, first time, training) the prior
     run = setup(cfg)
     describe(run)
     _install_signal_handlers(run)
@@ -185,7 +186,6 @@ def main(cfg: Config) -> Path:
         disable=not acc.is_local_main_process,
         desc=f"{cfg.objective.name}",
     )
-    start = time.time()
     while state.step < cfg.train.steps and not run.stop_signal:
         rewards, metrics = [], {}
         for _ in range(cfg.train.grad_accum):
@@ -239,5 +239,17 @@ def main(cfg: Config) -> Path:
     save_checkpoint(acc, run.out, state.step, cfg.to_dict(), cfg.log.checkpoints_total_limit)
     evaluate(run, tag="final")
     save_final(run, wall_time=time.time() - start)
+    if cfg.reward.name == "digits-classifier" and run.parts.cond.prompts is None:
+        if acc.is_main_process:
+            from steer.train.digits_report import digits_report
+
+            m = digits_report(run, wall_time=time.time() - start)
+            acc.print(
+                f"class {m['target_class']}: fraction classified "
+                f"{m['prior']['fraction_target']:.2f} (prior) -> "
+                f"{m['posterior']['fraction_target']:.2f} (posterior); diversity "
+                f"{m['posterior']['diversity']:.2f} (real digits {m['real_target_diversity']:.2f})"
+                f"\nsamples.npz, grid.png, curves.png and metrics.json are in {run.out}"
+            )
     acc.end_training()
     return run.out
