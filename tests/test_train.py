@@ -170,3 +170,25 @@ def test_two_processes(tmp_path: Path) -> None:
     assert noise[0] != noise[1]
     weights = report["weights_checksum"]
     assert weights[0] == pytest.approx(weights[1], rel=1e-6, abs=1e-9)
+
+
+def test_replay_and_exploration_run(tmp_path: Path) -> None:
+    """Off-policy data: replayed trajectories re-scored under the current weights, and
+    exploration noise; the loss stays finite and the buffer fills."""
+    cfg = _cfg(tmp_path, "objective.name=tb", "train.steps=3", "train.replay_buffer=4",
+               "train.replay_per_batch=2", "train.exploration_scale=0.5")
+    run = setup(cfg)
+    from steer.train.loop import with_replay
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = []
+    for _ in range(3):
+        fresh = sample_batch(cfg, run.parts.policy, run.parts.prior, run.parts.reward,
+                             run.parts.decode, run.parts.cond, gen, run.accelerator.gather)
+        batch = with_replay(run, fresh)
+        sizes.append(batch.traj.batch_size)
+        metrics = train_on_batch(run, batch)
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert sizes == [2, 4, 4] and len(run.buffer) == 4
+    with pytest.raises(ValueError, match="is on-policy"):
+        _cfg(tmp_path, "objective.name=ddpo", "train.replay_buffer=4", "train.replay_per_batch=2")

@@ -143,8 +143,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     seed: int = 0
     replay_buffer: int = 0  # trajectories kept for off-policy re-use; 0 = on-policy only
-    replay_ratio: float = 0.0  # fraction of each batch drawn from the buffer
-    exploration_std: float = 0.0  # extra std added to σ at rollout (off-policy exploration)
+    replay_per_batch: int = 0  # buffer trajectories added to each fresh batch (re-scored)
+    exploration_scale: float = 0.0  # σ × (1 + scale) at rollout; log P_F stays the policy's
     on_nonfinite: str = "raise"  # raise (after saving a checkpoint) | skip (and count)
 
     def __post_init__(self) -> None:
@@ -154,14 +154,14 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("train.on_nonfinite", self.on_nonfinite, ("raise", "skip"))
-        if not 0 <= self.replay_ratio < 1:
-            raise ValueError(f"train.replay_ratio must be in [0, 1), got {self.replay_ratio}")
-        if self.replay_ratio > 0 and self.replay_buffer < self.batch_size:
+        if self.replay_per_batch < 0 or self.replay_buffer < 0:
+            raise ValueError("train.replay_buffer and train.replay_per_batch must be >= 0")
+        if self.replay_per_batch > 0 and self.replay_buffer < self.replay_per_batch:
             raise ValueError(
-                f"train.replay_buffer={self.replay_buffer} must hold at least one batch "
-                f"(train.batch_size={self.batch_size}) when train.replay_ratio > 0"
+                f"train.replay_buffer={self.replay_buffer} must hold at least "
+                f"train.replay_per_batch={self.replay_per_batch} trajectories"
             )
-        _positive("train.exploration_std", self.exploration_std, strict=False)
+        _positive("train.exploration_scale", self.exploration_scale, strict=False)
 
 
 @dataclass
@@ -194,6 +194,14 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        off_policy = self.train.replay_per_batch > 0 or self.train.exploration_scale > 0
+        if off_policy and self.objective.name in ("ddpo", "dpok"):
+            raise ValueError(
+                f"objective.name={self.objective.name!r} is on-policy: set train.replay_per_batch=0"
+                " and train.exploration_scale=0 (off-policy data needs a GFlowNet objective)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

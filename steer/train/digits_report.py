@@ -38,8 +38,14 @@ def sample_images(policy: DiffusionPolicy, n: int, steps: int, eta: float, seed:
     out = []
     with torch.no_grad():
         for start in range(0, n, 128):
-            traj = rollout(policy, batch_size=min(128, n - start), num_inference_steps=steps,
-                           eta=eta, generator=gen, keep_pred_x0=False)
+            traj = rollout(
+                policy,
+                batch_size=min(128, n - start),
+                num_inference_steps=steps,
+                eta=eta,
+                generator=gen,
+                keep_pred_x0=False,
+            )
             out.append((traj.x0.float() / 2 + 0.5).clamp(0, 1).cpu())
     return torch.cat(out)
 
@@ -96,8 +102,9 @@ def digits_report(run: Run, wall_time: float) -> dict:
         "config": cfg.to_dict(),
     }
     out = run.out
-    np.savez_compressed(out / "samples.npz", prior=prior[:, 0].numpy(),
-                        posterior=posterior[:, 0].numpy())
+    np.savez_compressed(
+        out / "samples.npz", prior=prior[:, 0].numpy(), posterior=posterior[:, 0].numpy()
+    )
     save_side_by_side(prior, posterior, out / "grid.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -26,6 +26,7 @@ from steer.train.config import Config
 from steer.train.losses import RolloutBatch, StepTerms, TrainObjective, choose_steps
 from steer.train.models import Components, build_components, build_objective_modules
 from steer.train.outputs import evaluate, save_final, start_run
+from steer.train.replay import ReplayBuffer, concat_batches, rescore, to_device
 from steer.train.sampling import NonFiniteError, sample_batch
 
 
@@ -42,6 +43,7 @@ class Run:
     state: TrainState
     out: Path
     skipped: int = 0
+    buffer: ReplayBuffer | None = None
     first_noise_checksum: float = float("nan")
     stop_signal: list[int] = field(default_factory=list)
 
@@ -74,6 +76,21 @@ def train_on_batch(run: Run, batch: RolloutBatch) -> dict[str, float]:
         acc.backward(loss)
     metrics.setdefault("loss", float("nan"))
     return metrics
+
+
+def with_replay(run: Run, fresh: RolloutBatch) -> RolloutBatch:
+    """Add ``train.replay_per_batch`` buffer trajectories, re-scored under the current weights,
+    to a fresh batch; then store the fresh one."""
+    n, buffer = run.cfg.train.replay_per_batch, run.buffer
+    if buffer is None:
+        return fresh
+    batch = fresh
+    if n and len(buffer) >= n:
+        old = to_device(buffer.sample(n, run.state.generator), fresh.log_reward.device)
+        embeds = None if old.prompt_index is None else run.parts.cond.embeds[old.prompt_index]
+        batch = concat_batches([fresh, rescore(old, run.parts.policy, embeds)])
+    buffer.add(fresh)
+    return batch
 
 
 def sync_and_step(run: Run) -> float:
@@ -148,6 +165,8 @@ def setup(cfg: Config) -> Run:
     acc.register_for_checkpointing(state)
     params = [p for g in groups for p in g["params"]]
     run = Run(cfg, acc, parts, objective, params, optimizer, state, out)
+    if cfg.train.replay_buffer:
+        run.buffer = ReplayBuffer(cfg.train.replay_buffer)
     if cfg.log.resume_from_checkpoint:
         path = resolve_resume(cfg.log.resume_from_checkpoint, out, cfg.to_dict())
         acc.load_state(str(path))

@@ -138,8 +138,11 @@ def process_report(run: Run) -> dict:
     weights = torch.stack([p.detach().double().sum() for p in run.params]).sum()
     first = torch.tensor(float(run.first_noise_checksum), dtype=torch.float64)
     both = acc.gather(torch.stack([weights, first]).to(acc.device)[None]).cpu()  # [world, 2]
-    return {"world_size": acc.num_processes, "weights_checksum": both[:, 0].tolist(),
-            "first_noise_checksum": both[:, 1].tolist()}
+    return {
+        "world_size": acc.num_processes,
+        "weights_checksum": both[:, 0].tolist(),
+        "first_noise_checksum": both[:, 1].tolist(),
+    }
 
 
 def save_final(run: Run, wall_time: float) -> None:

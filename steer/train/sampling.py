@@ -69,6 +69,10 @@ def sample_batch(
     embeds = None if idx is None else cond.embeds[idx].to(device)
     prompts = None if idx is None else [cond.prompts[i] for i in idx.tolist()]
     needs_pred = name in ("db", "subtb")
+    noise = None
+    if cfg.train.exploration_scale > 0:  # off-policy exploration: σ × (1 + scale)
+        shape = (b, cfg.model.num_inference_steps, *policy.sample_shape)
+        noise = torch.randn(shape, generator=generator) * (1 + cfg.train.exploration_scale)
     with torch.no_grad():
         traj = rollout(
             policy,
@@ -78,6 +82,7 @@ def sample_batch(
             eta=cfg.model.eta,
             generator=generator,
             keep_pred_x0=needs_pred,
+            noise=None if noise is None else noise.to(device),
         )
         # 2. the reward of x_0, and of x̂_θ(x_k) at every visited state for db / subtb
         images = decode(traj.x0)

@@ -1,0 +1,196 @@
+"""Where a fine-tuning step spends its time, and how many UNet passes a trained transition costs.
+
+Run: ``python -m benchmarks.train`` (writes the "train" section of benchmarks/README.md).
+On the tiny random pipeline (CPU): per objective, one optimiser step split into sampling
+(rollout), reward (decode + reward model, incl. x̂ of every state for db), prior (rtb's frozen
+log-probs) and training (re-scoring + backward); UNet forward passes per trained transition of
+``db`` against the reference design that recomputes x̂ at both ends of each transition with the
+current model (1 re-score + 2 extra passes, 2 decodes, 2 reward calls per trained transition);
+and peak memory of one re-scored step with and without gradient checkpointing (GPU only).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._report import hardware, markdown_table, write_section
+from steer.train.config import load_config
+from steer.train.loop import setup, train_on_batch
+from steer.train.sampling import sample_batch
+
+OBJECTIVES = ("tb", "rtb", "db", "ddpo", "dpok")
+
+
+class Timer:
+    """Accumulates wall time per label around ``with timer("label"):`` blocks."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._label, self._t0 = "", 0.0
+
+    def __call__(self, label: str) -> Timer:
+        self._label = label
+        return self
+
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.totals[self._label] = (
+            self.totals.get(self._label, 0.0) + time.perf_counter() - self._t0
+        )
+
+
+def _run(objective: str, out: Path, steps: int, batch: int, fraction: float, reps: int):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg = load_config(None, [
+        "model.pretrained=tiny", f"model.num_inference_steps={steps}", "lora.rank=4",
+        "reward.name=jpeg-compressibility", "prompts.builtin=simple-animals",
+        f"train.batch_size={batch}", "log.tracker=none", f"log.output_dir={out}",
+        f"objective.name={objective}", f"objective.train_fraction={fraction}", "objective.beta=0.1",
+    ])  # fmt: skip
+    run = setup(cfg)
+    calls = [0]
+    hook = run.parts.policy.unet.register_forward_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1)
+    )
+    # wrap the pieces of sample_batch to time them separately
+    import steer.train.sampling as sampling
+
+    timer, orig_rollout, orig_score = Timer(), sampling.rollout, sampling.score
+
+    def timed_rollout(*a, **k):
+        with timer("sampling"):
+            return orig_rollout(*a, **k)
+
+    def timed_score(*a, **k):
+        with timer("reward"):
+            return orig_score(*a, **k)
+
+    sampling.rollout, sampling.score = timed_rollout, timed_score
+    totals, rollout_calls, train_calls = [], 0, 0
+    try:
+        for rep in range(reps + 1):  # the first is a warm-up
+            timer.totals.clear()
+            calls[0] = 0
+            t0 = time.perf_counter()
+            batch_ = sample_batch(
+                cfg,
+                run.parts.policy,
+                run.parts.prior,
+                run.parts.reward,
+                run.parts.decode,
+                run.parts.cond,
+                run.state.generator,
+                run.accelerator.gather,
+            )
+            sampled = time.perf_counter() - t0
+            rollout_calls = calls[0]
+            calls[0] = 0
+            with timer("training"):
+                train_on_batch(run, batch_)
+            train_calls = calls[0]
+            run.optimizer.zero_grad(set_to_none=True)
+            t = dict(timer.totals)
+            t["prior"] = sampled - t.get("sampling", 0) - t.get("reward", 0)
+            t["total"] = time.perf_counter() - t0
+            if rep:
+                totals.append(t)
+    finally:
+        sampling.rollout, sampling.score = orig_rollout, orig_score
+        hook.remove()
+    med = {k: statistics.median(t[k] for t in totals) for k in totals[0]}
+    trained = max(1, round(fraction * steps))
+    return med, rollout_calls, train_calls / trained
+
+
+def main() -> None:
+    steps, batch, fraction, reps = 10, 4, 0.5, 3
+    rows, db_row = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in OBJECTIVES:
+            med, rollout_calls, per_transition = _run(
+                name, Path(tmp) / name, steps, batch, fraction, reps
+            )
+            rows.append(
+                [
+                    name,
+                    med["sampling"],
+                    med["reward"],
+                    med["prior"],
+                    med["training"],
+                    med["total"],
+                    rollout_calls,
+                    per_transition,
+                ]
+            )
+            if name == "db":
+                db_row = per_transition
+    header = [
+        "objective",
+        "sampling (s)",
+        "reward (s)",
+        "prior (s)",
+        "training (s)",
+        "step (s)",
+        "UNet passes in rollout",
+        "UNet passes per trained transition",
+    ]
+    text = (
+        "## train\n\n`python -m benchmarks.train`: one rollout batch and its update on the tiny "
+        f"random SD pipeline (CPU), B={batch} trajectories, K={steps} steps, "
+        f"{round(fraction * steps)} steps trained per trajectory, JPEG reward; medians of {reps} "
+        "(after one warm-up). 'prior' is rtb's frozen log-probs over all K steps.\n\n"
+        f"Hardware: {hardware()}\n\n{markdown_table(header, rows)}\n\n"
+        f"Energy-difference DB: {db_row:g} UNet forward (+1 backward) per trained transition, "
+        "the x̂ rewards of every visited state coming from the rollout's own pass (one decode and "
+        "one reward call per visited state). The reference design recomputes x̂ at both ends of "
+        "each trained transition with the current model: 3 forwards, 2 decodes and 2 reward "
+        "calls per trained transition.\n\ntb and ddpo above run at equal trajectories (same B, K "
+        "and trained steps).\n"
+    )
+    if torch.cuda.is_available():
+        text += "\n" + gpu_memory_section()
+    else:
+        text += (
+            "\nPeak memory with / without gradient checkpointing: GPU only, not measured here.\n"
+        )
+    print(text)
+    write_section("train", text)
+
+
+def gpu_memory_section() -> str:
+    """Peak GPU memory of one re-scored step of an SD-1.5-sized UNet (bf16), with and without
+    gradient checkpointing."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from steer.diffusion import DiffusionPolicy, add_lora
+
+    rows = []
+    for ckpt in (False, True):
+        unet = UNet2DConditionModel(cross_attention_dim=768).to("cuda", torch.bfloat16)
+        add_lora(unet, rank=8)
+        if ckpt:
+            unet.enable_gradient_checkpointing()
+        policy = DiffusionPolicy(unet, DDIMScheduler(), num_inference_steps=50)
+        x = torch.randn(4, 4, 64, 64, device="cuda")
+        cond = torch.randn(4, 77, 768, device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        policy.log_prob(x, x + 0.01, 10, cond).sum().backward()
+        torch.cuda.synchronize()
+        rows.append([ckpt, torch.cuda.max_memory_allocated() / 2**30, time.perf_counter() - start])
+        del unet, policy
+        torch.cuda.empty_cache()
+    return markdown_table(["gradient checkpointing", "peak memory (GiB)", "time (s)"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Off-policy tools: a replay buffer of past trajectories, re-scored under the current weights.
+
+GFlowNet objectives hold for any sampling distribution, so trajectories drawn by an older policy
+(or with exploration noise) are valid training data once their ``log P_F`` is recomputed under
+the current weights; their rewards, ``P_B`` and prior log-probs do not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import torch
+from torch import Tensor
+
+from steer.train.losses import RolloutBatch
+from steer.trajectory import Trajectory
+
+_BATCHED = ("raw_reward", "log_reward", "prompt_index", "pooled", "log_reward_pred",
+            "log_pf_prior", "advantages")  # fmt: skip
+
+
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Concatenate rollout batches along the batch dimension (extras are dropped)."""
+    trajs = [b.traj for b in batches]
+    traj_fields = {
+        f.name: torch.cat([getattr(t, f.name) for t in trajs])
+        for f in fields(Trajectory)
+        if f.name not in ("timesteps", "deterministic", "cond", "extras")
+        and getattr(trajs[0], f.name) is not None
+    }
+    traj = replace(trajs[0], cond=None, extras={}, **traj_fields)
+    other = {
+        name: None if getattr(batches[0], name) is None
+        else torch.cat([getattr(b, name) for b in batches])
+        for name in _BATCHED
+    }  # fmt: skip
+    return RolloutBatch(traj=traj, extras={}, **other)
+
+
+class ReplayBuffer:
+    """A FIFO buffer of at most ``capacity`` trajectories (kept on the CPU)."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.batch: RolloutBatch | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.batch is None else self.batch.traj.batch_size
+
+    def add(self, batch: RolloutBatch) -> None:
+        new = to_device(replace(batch, extras={}), "cpu")
+        merged = new if self.batch is None else concat_batches([self.batch, new])
+        keep = slice(max(0, len(merged.traj.log_pf) - self.capacity), None)
+        self.batch = _select(merged, keep)
+
+    def sample(self, n: int, generator: torch.Generator) -> RolloutBatch:
+        idx = torch.randint(len(self), (n,), generator=generator)
+        return _select(self.batch, idx)
+
+
+def _select(batch: RolloutBatch, idx: Tensor | slice) -> RolloutBatch:
+    other = {n: None if getattr(batch, n) is None else getattr(batch, n)[idx] for n in _BATCHED}
+    return RolloutBatch(traj=batch.traj[idx], extras={}, **other)
+
+
+def to_device(batch: RolloutBatch, device: torch.device | str) -> RolloutBatch:
+    other = {n: None if getattr(batch, n) is None else getattr(batch, n).to(device)
+             for n in _BATCHED}  # fmt: skip
+    return RolloutBatch(traj=batch.traj.to(device), extras=batch.extras, **other)
+
+
+def rescore(batch: RolloutBatch, policy, embeds: Tensor | None) -> RolloutBatch:
+    """Recompute ``log P_F`` of every step under the current weights (no grad)."""
+    traj = batch.traj
+    with torch.no_grad():
+        log_pf = torch.stack(
+            [policy.log_prob(traj.latents[:, k], traj.latents[:, k + 1], k, embeds)
+             for k in range(traj.num_steps)], dim=1,
+        )  # fmt: skip
+    return replace(batch, traj=replace(traj, log_pf=log_pf.to(traj.log_pf.dtype)))
