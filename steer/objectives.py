@@ -85,8 +85,13 @@ def _check_log_reward(log_reward: Tensor, name: str = "log_reward") -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(log_reward).__name__}")
     if log_reward.ndim != 1:
         raise ValueError(f"{name} must have shape [B], got {tuple(log_reward.shape)}")
-    if not bool(torch.isfinite(log_reward).all()):
+    # one reduction and one scalar check: the sum is finite iff every term is (an overflowing
+    # sum of finite terms is looked at element-wise and passes)
+    if not bool(torch.isfinite(log_reward.sum())):
         bad = torch.nonzero(~torch.isfinite(log_reward)).flatten().tolist()[:8]
+    else:
+        bad = []
+    if bad:
         raise ValueError(
             f"{name} has non-finite entries at batch indices {bad}; clip the reward "
             "(e.g. log(r + eps)) or drop those samples before computing the objective"
@@ -256,9 +261,15 @@ def modified_detailed_balance(
     """Modified DB (3.5 with every state terminating), Deleu et al. 2022: the flow is
     ``F(s) = R(s) / P_F(⊤|s)``, so ``F̃ = 1/P_F(⊤|s)`` and the energy difference
     ``log R(s) - log R(s')`` is the intermediate reward (4.5). Returns the broadcast shape."""
-    return energy_difference_detailed_balance(
-        -log_pf_stop, log_pf, -log_pf_stop_next, log_pb, log_reward, log_reward_next
+    r, pf, r_next, pb, stop, stop_next = _broadcast(
+        log_reward=log_reward,
+        log_pf=log_pf,
+        log_reward_next=log_reward_next,
+        log_pb=log_pb,
+        log_pf_stop=log_pf_stop,
+        log_pf_stop_next=log_pf_stop_next,
     )
+    return (r - stop) + pf - (r_next - stop_next) - pb
 
 
 def subtrajectory_balance(
