@@ -113,11 +113,15 @@ def train_digits_prior(config: DigitsPriorConfig, folder: Path, progress: bool =
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "n_parameters": n_params,
         "n_images": len(data),
-        "sampling": {"scheduler": "DDIMScheduler", "num_inference_steps": 50, "eta": 1.0},
+        "sampling": {
+            "scheduler": "DDIMScheduler",
+            "num_inference_steps": config.grid_steps,
+            "eta": 1.0,
+        },
         "config": asdict(config),
     }
     (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    print(f"digits prior: trained in {wall:.0f} s (loss {info['final_loss']:.4f}) -> {folder}")
+    print(f"digits prior: trained in {wall:.0f} s (final loss {info['final_loss']:.4f})")
     return info
 
 
@@ -152,6 +156,7 @@ def load_or_train_digits_prior(
     train_digits_prior(config, tmp, progress=progress)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    print(f"digits prior: saved to {folder}")
     return folder
 
 
