@@ -24,7 +24,8 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to features ``a [N, F]`` and ``b [M, F]``."""
     a64, b64 = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_a, mu_b = a64.mean(0), b64.mean(0)
-    cov_a, cov_b = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
+    eps = 1e-6 * np.eye(a64.shape[1])  # keeps the product's square root well defined
+    cov_a, cov_b = np.cov(a64, rowvar=False) + eps, np.cov(b64, rowvar=False) + eps
     root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     root = np.real(root)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
