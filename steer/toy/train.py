@@ -1,0 +1,276 @@
+"""Training of a :class:`DiffusionSampler` with a GFlowNet objective, on- and off-policy.
+
+Every iteration samples trajectories without a graph (forward rollouts, with exploration noise,
+or backward bridges from replay-buffer samples), re-scores them in one batched pass under the
+current weights and applies an objective of :mod:`steer.objectives` (THEORY §3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from steer import objectives as obj
+from steer.toy.buffer import BUFFER_KINDS, ReplayBuffer, mala
+from steer.toy.metrics import evaluate_sampler
+from steer.toy.sampler import DiffusionSampler, SamplerConfig
+from steer.toy.targets import Target
+
+__all__ = ["OBJECTIVES", "TrainConfig", "TrainResult", "objective_loss", "train"]
+
+OBJECTIVES = ("tb", "vargrad", "subtb", "db", "fldb", "rtb")
+_NEEDS_FLOW = ("subtb", "db", "fldb")
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``steer toy train`` (defaults: the gmm25 setting that meets issue 6)."""
+
+    target: str = "gmm25"
+    objective: str = "tb"
+    steps: int = 100
+    sigma: float | None = None  # None: the target's default
+    init_std: float = 0.0
+    hidden: int = 64
+    layers: int = 2
+    activation: str = "relu"
+    langevin: bool = False
+    learned_variance: bool = False
+    batch: int = 300
+    iterations: int = 6000
+    lr: float = 1e-3
+    lr_log_z: float = 1e-1
+    lr_final: float = 1e-4  # cosine decay of lr to this value over iterations or max_time_s
+    grad_clip: float = 100.0
+    explore: float = 0.2  # exploration std added to the sampling noise, decayed linearly
+    explore_until: float = 0.5  # fraction of the iterations after which exploration is 0
+    buffer: str = "rank"  # none | uniform | rank
+    buffer_size: int = 50_000
+    backward_every: int = 2  # every n-th iteration trains on backward trajectories (0: never)
+    local_search: bool = True
+    ls_every: int = 100
+    ls_steps: int = 100
+    ls_batch: int = 600
+    subtb_lambda: float = 0.9
+    seed: int = 0
+    eval_every: int = 500
+    eval_samples: int = 2000
+    max_time_s: float | None = 540.0
+    prior_iterations: int = 2000  # posterior9: denoising iterations of the prior
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
+            )
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps T must be an integer >= 1, got {self.steps!r}")
+        if self.buffer not in ("none", *BUFFER_KINDS):
+            raise ValueError(
+                f"buffer must be one of none, {', '.join(BUFFER_KINDS)}, got {self.buffer!r}"
+            )
+        for name in ("batch", "iterations", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_search and self.buffer == "none":
+            raise ValueError("local_search needs a replay buffer: set buffer to uniform or rank")
+        if self.explore < 0:
+            raise ValueError(f"explore must be >= 0, got {self.explore}")
+
+    def sampler_config(self, target: Target) -> SamplerConfig:
+        return SamplerConfig(
+            dim=target.dim,
+            steps=self.steps,
+            sigma=self.sigma if self.sigma is not None else target.default_sigma,
+            init_std=self.init_std,
+            hidden=self.hidden,
+            layers=self.layers,
+            activation=self.activation,
+            langevin=self.langevin,
+            learned_variance=self.learned_variance,
+            flow=self.objective in _NEEDS_FLOW,
+        )
+
+
+@dataclass
+class TrainResult:
+    sampler: DiffusionSampler
+    history: list[dict[str, Any]] = field(default_factory=list)
+    iterations: int = 0
+    wall_time_s: float = 0.0
+    seconds_per_iteration: float = 0.0
+
+
+def objective_loss(
+    objective: str,
+    sampler: DiffusionSampler,
+    latents: Tensor,
+    log_reward: Tensor,
+    target: Target,
+    scores: Tensor | None = None,
+    prior: DiffusionSampler | None = None,
+    subtb_lambda: float = 0.9,
+) -> Tensor:
+    """Per-trajectory squared-residual loss ``[B]`` of stored trajectories ``latents
+    [B, T+1, d]`` re-scored under the current weights: TB (3.1), VarGrad (3.2), RTB (3.3),
+    DB (3.4), energy-difference DB (3.5, with ``x̂(x_k) = x_k`` and the reward tempered by
+    ``t_k``) or SubTB (3.6)."""
+    log_pf, flow = sampler.evaluate(latents, scores)  # [B, T], [B, T] | None
+    log_pb = sampler.log_pb(latents)  # [B, T]
+    log_p0 = sampler.log_p_init(latents[:, 0])  # [B]
+    if objective == "tb":
+        delta = obj.trajectory_balance(log_p0 + log_pf.sum(1), log_pb, log_reward, sampler.log_z)
+        return obj.squared(delta)
+    if objective == "vargrad":
+        return obj.squared(obj.vargrad(log_p0 + log_pf.sum(1), log_pb, log_reward))
+    if objective == "rtb":
+        if prior is None:
+            raise ValueError("objective 'rtb' needs a prior (use --target posterior9)")
+        with torch.no_grad():
+            log_pf_prior, _ = prior.evaluate(latents)  # [B, T]
+        delta = obj.relative_trajectory_balance(log_pf, log_pf_prior, log_reward, sampler.log_z)
+        return obj.squared(delta)
+    assert flow is not None, "flow objectives need SamplerConfig(flow=True)"
+    start = (sampler.log_z + log_p0)[:, None]  # [B, 1]: log F(x_0) = log Z + log P_F(x_0|s0)
+    if objective == "fldb":
+        b, t1, d = latents.shape
+        with torch.no_grad():
+            lr_all = target.log_prob(latents.reshape(-1, d)).view(b, t1)  # [B, T+1]
+        pred = lr_all * sampler.times.to(lr_all)  # t_k log R(x_k): 0 at x_0, log R at x_T
+        pred[:, -1] = log_reward
+        resid = torch.cat([start - pred[:, :1], flow[:, 1:]], dim=1)  # [B, T] F̃ at x_0..x_{T-1}
+        resid_next = torch.cat([resid[:, 1:], torch.zeros_like(resid[:, :1])], dim=1)
+        terminal = torch.zeros_like(log_pf, dtype=torch.bool)
+        terminal[:, -1] = True
+        delta = obj.energy_difference_detailed_balance(
+            resid, log_pf, resid_next, log_pb, pred[:, :-1], pred[:, 1:], terminal
+        )
+        return delta.square().mean(1)
+    log_flows = torch.cat([start, flow[:, 1:], log_reward[:, None]], dim=1)  # [B, T+1]
+    if objective == "db":
+        delta = obj.detailed_balance(log_flows[:, :-1], log_pf, log_flows[:, 1:], log_pb)
+        return delta.square().mean(1)
+    return obj.subtrajectory_balance(log_flows, log_pf, log_pb, lam=subtb_lambda)
+
+
+def _optimizer(sampler: DiffusionSampler, cfg: TrainConfig) -> torch.optim.Optimizer:
+    policy = [p for n, p in sampler.named_parameters() if n != "log_z"]
+    return torch.optim.Adam(
+        [{"params": policy, "lr": cfg.lr}, {"params": [sampler.log_z], "lr": cfg.lr_log_z}]
+    )
+
+
+def _set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, frac: float) -> None:
+    """Cosine decay of the policy's lr from ``lr`` to ``lr_final`` (log Z keeps its lr)."""
+    opt.param_groups[0]["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (
+        1 + math.cos(math.pi * frac)
+    )
+
+
+def _reward(target: Target, x: Tensor, objective: str) -> Tensor:
+    """``log R`` for the objective: the likelihood ``log r`` for RTB, else the target."""
+    if objective == "rtb":
+        return target.log_likelihood(x)  # type: ignore[attr-defined]
+    return target.log_prob(x)
+
+
+def train(
+    cfg: TrainConfig,
+    target: Target,
+    sampler: DiffusionSampler | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a sampler of ``target`` (a fresh one unless given); returns it with its history."""
+    torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(True)  # tiny activations as denormals slow CPU kernels ~2x
+    prior = getattr(target, "prior", None)
+    if cfg.objective == "rtb" and (prior is None or not hasattr(target, "log_likelihood")):
+        raise ValueError(
+            f"objective 'rtb' needs a prior and a likelihood; target "
+            f"{target.name!r} has none (use target posterior9)"
+        )
+    if sampler is None:
+        score = target.score if cfg.langevin else None
+        sampler = DiffusionSampler(cfg.sampler_config(target), score=score)
+        if cfg.objective == "rtb" and prior is not None:
+            sampler.load_state_dict(prior.state_dict())  # RTB starts from the prior
+    opt = _optimizer(sampler, cfg)
+    buffer = None if cfg.buffer == "none" else ReplayBuffer(target.dim, cfg.buffer_size, cfg.buffer)
+    result, eta, start = TrainResult(sampler), 0.01, time.perf_counter()
+    bar = tqdm(range(cfg.iterations), disable=not progress, desc=f"{target.name}/{cfg.objective}")
+    for it in bar:
+        # 0. schedules follow the progress: iterations or time budget, whichever is further.
+        progress_frac = it / cfg.iterations
+        if cfg.max_time_s is not None:
+            progress_frac = max(progress_frac, (time.perf_counter() - start) / cfg.max_time_s)
+        _set_lr(opt, cfg, min(1.0, progress_frac))
+        # 1. sample trajectories without a graph: backward from the buffer or forward.
+        backward = (
+            buffer is not None
+            and cfg.backward_every > 0
+            and len(buffer) >= cfg.batch
+            and it % cfg.backward_every == cfg.backward_every - 1
+        )
+        scores = None
+        with torch.no_grad():
+            if backward:
+                x, log_r = buffer.sample(cfg.batch)
+                latents = sampler.backward_rollout(x).latents
+                if cfg.objective == "rtb":
+                    log_r = _reward(target, x, cfg.objective)
+            else:
+                frac = progress_frac / max(1e-9, cfg.explore_until)
+                traj = sampler.rollout(cfg.batch, explore=cfg.explore * max(0.0, 1 - frac))
+                latents, scores = traj.latents, traj.extras.get("scores")
+                log_r = _reward(target, traj.x0, cfg.objective)
+                if buffer is not None:
+                    rtb = cfg.objective == "rtb"
+                    buffer.add(traj.x0, target.log_prob(traj.x0) if rtb else log_r)
+        # 2. re-score under the current weights and step.
+        loss = objective_loss(
+            cfg.objective, sampler, latents, log_r, target, scores, prior, cfg.subtb_lambda
+        ).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}: lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sampler.parameters(), cfg.grad_clip)
+        opt.step()
+        # 3. local search feeds the buffer.
+        if cfg.local_search and buffer is not None and it % cfg.ls_every == 0 and len(buffer):
+            x0, _ = buffer.sample(cfg.ls_batch)
+            x_ls, lp_ls, eta = mala(target.log_prob, x0, cfg.ls_steps, eta)
+            buffer.add(x_ls, lp_ls)
+        if it % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3g}", log_z=f"{sampler.log_z.item():.3f}")
+        # 4. periodic evaluation (on 1000 samples, no W2; counted in the wall time).
+        result.iterations = it + 1
+        elapsed = time.perf_counter() - start
+        if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
+            metrics, _ = evaluate_sampler(
+                sampler, target, min(cfg.eval_samples, 1000), sample_quality=False
+            )
+            result.history.append(
+                {
+                    "iteration": it + 1,
+                    "time_s": elapsed,
+                    "loss": loss.item(),
+                    **{k: v for k, v in metrics.items() if v is not None},
+                }
+            )
+        if cfg.max_time_s is not None and elapsed > cfg.max_time_s:
+            break
+    result.wall_time_s = time.perf_counter() - start
+    result.seconds_per_iteration = result.wall_time_s / max(1, result.iterations)
+    return result
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)
