@@ -153,3 +153,22 @@ def test_presets_load(tmp_path) -> None:
         assert cfg.objective.name in ("tb", "rtb", "db", "ddpo", "dpok")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_default_is_the_digits_preset() -> None:
+    from pathlib import Path
+
+    from steer.train.cli import parse, resolve_config
+
+    args = parse([])
+    assert args.config is None and args.overrides == []
+    preset = Path(__file__).parents[1] / "configs" / "digits_rtb.yaml"
+    assert resolve_config(None).read_text() == preset.read_text()
+    cfg = load_config(resolve_config(None))
+    assert (cfg.model.pretrained, cfg.objective.name, cfg.reward.name) == (
+        "digits",
+        "rtb",
+        "digits-classifier",
+    )
+    with pytest.raises(FileNotFoundError, match="presets: .*digits_rtb"):
+        resolve_config("no-such-preset")

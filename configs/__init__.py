@@ -1,0 +1,1 @@
+"""YAML presets of steer, installed as ``steer.configs`` (``steer finetune --config NAME``)."""
