@@ -13,10 +13,10 @@ import argparse
 import time
 from collections.abc import Callable
 
-import steer.rewards as R
 import torch
 from tqdm import tqdm
 
+import steer.rewards as R
 from benchmarks._report import hardware, markdown_table, write_section
 
 PROMPT = "a photo of a cat sitting on a red chair"
@@ -63,12 +63,13 @@ def jpeg_rows(min_time: float) -> list[list[object]]:
 
 def real_size_builders() -> dict[str, Callable[[], R.Reward]]:
     """The published architectures with random weights (nothing is downloaded)."""
+    from transformers import CLIPConfig, CLIPModel
+
     from steer.rewards.aesthetic import aesthetic
     from steer.rewards.clip_score import clip_score, hpsv2
     from steer.rewards.imagereward import ImageReward, ImageRewardModel, blip_configs
     from steer.rewards.pickscore import PickScoreReward
     from steer.rewards.tiny import bert_tokenizer, clip_tokenizer
-    from transformers import CLIPConfig, CLIPModel
 
     def pick() -> R.Reward:
         tok = clip_tokenizer(48_894)

@@ -9,15 +9,6 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
-from steer.pipelines._common import (
-    SteerPipelineOutput,
-    check_latents,
-    check_model_folder,
-    check_output_type,
-    load_scheduler,
-    single_generator,
-    to_output,
-)
 from torch import Tensor
 
 from steer.diffusion import (
@@ -28,6 +19,15 @@ from steer.diffusion import (
     load_unet_lora,
     rollout,
     save_unet_lora,
+)
+from steer.pipelines._common import (
+    SteerPipelineOutput,
+    check_latents,
+    check_model_folder,
+    check_output_type,
+    load_scheduler,
+    single_generator,
+    to_output,
 )
 
 __all__ = ["SteerDDPMPipeline"]

@@ -15,6 +15,10 @@ from diffusers import (
 )
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from peft import get_peft_model_state_dict
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from steer.diffusion import DiffusionPolicy, StepCallback, add_lora, check_scheduler, rollout
 from steer.pipelines._common import (
     SteerPipelineOutput,
     check_latents,
@@ -24,16 +28,12 @@ from steer.pipelines._common import (
     single_generator,
     to_output,
 )
-from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
-
-from steer.diffusion import DiffusionPolicy, StepCallback, add_lora, check_scheduler, rollout
 
 __all__ = ["SteerStableDiffusionPipeline"]
 
 
 class SteerStableDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    """Stable Diffusion with the densities of THEORY §2: ``__call__`` can return the trajectory.
+    """Stable Diffusion with the densities of §2: ``__call__`` can return the trajectory.
 
     Components follow diffusers (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
     ``scheduler``); the scheduler must be DDIM or DDPM (:meth:`from_pretrained` converts others).

@@ -1,7 +1,7 @@
 """steer.rewards: the reward models users align to, behind one contract.
 
 ``reward = steer.rewards.get(name, **kwargs)``; ``reward(images, prompts) -> Tensor[B]`` of raw
-scores for images float ``[B, 3, H, W]`` in ``[0, 1]`` (THEORY §1: ``r`` in ``exp(r / β)`` or
+scores for images float ``[B, 3, H, W]`` in ``[0, 1]`` (§1: ``r`` in ``exp(r / β)`` or
 ``p_prior · r``). ``steer.rewards.names()`` lists the registry and ``steer rewards`` prints it.
 Heavy libraries (open_clip, transformers) are imported by the factories, not here.
 

@@ -1,4 +1,4 @@
-"""The reward contract: ``reward(images, prompts) -> Tensor[B]`` of raw scores (THEORY §1).
+"""The reward contract: ``reward(images, prompts) -> Tensor[B]`` of raw scores (§1).
 
 A reward is an ``nn.Module`` whose parameters are frozen (gradients reach the *pixels*, never the
 reward model). ``Reward.forward`` validates the input, splits it into chunks of ``batch_size``,

@@ -1,6 +1,6 @@
 """Classifier rewards: ``log p(c | x)`` (or ``p(c | x)``) from any torch image classifier, with a
 class index or a set of allowed classes (the max over the set). Used as the likelihood ``r`` of
-a posterior ``p_prior(x) r(x)`` (THEORY §1)."""
+a posterior ``p_prior(x) r(x)`` (§1)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The classifier is trained locally (seconds on a CPU) on a fixed train split of
 ``sklearn.datasets.load_digits`` and cached under ``$STEER_CACHE`` (default ``~/.cache/steer``).
-As a reward it scores ``log p(c | x)`` (THEORY §1, "posterior of a prior": ``log r(x)``), the
+As a reward it scores ``log p(c | x)`` (§1, "posterior of a prior": ``log r(x)``), the
 maximum over a set of target classes, and it is differentiable in the images.
 """
 

@@ -13,7 +13,10 @@ from collections.abc import Sequence
 
 # name -> (module exposing ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "exact": ("steer.discrete.suite", "exact checks of THEORY §4 on enumerable DAGs (a table)"),
+    "exact": (
+        "steer.discrete.suite",
+        "exact checks of the MaxEnt-RL theorems (§4) on enumerable DAGs",
+    ),
     "toy": ("steer.toy.cli", "train / evaluate diffusion samplers of unnormalised densities"),
     "rewards": ("steer.rewards.cli", "list the reward registry"),
     "finetune": ("steer.train.cli", "fine-tune a diffusion model (default: the digits job)"),

@@ -1,4 +1,4 @@
-"""Step densities (THEORY 2.1-2.6) against diffusers' schedulers and torch.distributions."""
+"""Step densities ((2.1)-(2.6)) against diffusers' schedulers and torch.distributions."""
 
 from __future__ import annotations
 

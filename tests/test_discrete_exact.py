@@ -1,4 +1,4 @@
-"""Exact solvers of steer.discrete against brute-force enumeration of trajectories (THEORY §4)."""
+"""Exact solvers of steer.discrete against brute-force enumeration of trajectories (§4)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_terminating_distribution_matches_enumeration(env: DAGEnvironment) -> No
 
 
 def test_soft_bellman_policy_is_exp_of_path_reward(env: DAGEnvironment) -> None:
-    """π*(τ) = exp(Σ_t r - V(s0)) for every trajectory (soft Bellman, THEORY §4)."""
+    """π*(τ) = exp(Σ_t r - V(s0)) for every trajectory (soft Bellman, §4)."""
     gen = torch.Generator().manual_seed(1)
     reward = torch.randn(env.valid.shape, generator=gen, dtype=torch.float64)
     reward = reward.masked_fill(~env.valid, float("-inf"))

@@ -26,11 +26,14 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("steer_cache")
     tiny = DigitsPriorConfig(block_out_channels=(8, 16), train=DDPMTrainConfig(steps=3,
                              batch_size=16, warmup_steps=1), grid_steps=2)  # fmt: skip
-    shutil.move(load_or_train_digits_prior(root, tiny, progress=False),
-                prior_folder(root, DigitsPriorConfig()))
+    shutil.move(
+        load_or_train_digits_prior(root, tiny, progress=False),
+        prior_folder(root, DigitsPriorConfig()),
+    )
     quick = rd.load_or_train_digits_classifier(root, rd.ClassifierConfig(epochs=2), progress=False)
-    default = rd.config_folder(root, "digits_classifier", rd.ClassifierConfig(),
-                               rd.ClassifierConfig())
+    default = rd.config_folder(
+        root, "digits_classifier", rd.ClassifierConfig(), rd.ClassifierConfig()
+    )
     shutil.move(quick, default)
     return root
 
@@ -55,8 +58,15 @@ def test_main_job_writes_every_output(cache: Path, tmp_path: Path, monkeypatch) 
 
     monkeypatch.setattr(digits, "train_digits_prior", no_training)
     out = main(_job(cache, tmp_path))
-    for name in ("samples.npz", "grid.png", "curves.png", "metrics.json", "config.yaml", "unet",
-                 "log_z.safetensors"):
+    for name in (
+        "samples.npz",
+        "grid.png",
+        "curves.png",
+        "metrics.json",
+        "config.yaml",
+        "unet",
+        "log_z.safetensors",
+    ):
         assert (out / name).exists(), name
     samples = np.load(out / "samples.npz")
     for key in ("prior", "posterior"):
@@ -65,8 +75,12 @@ def test_main_job_writes_every_output(cache: Path, tmp_path: Path, monkeypatch) 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target_class"] == 3
     for side in ("prior", "posterior"):
-        assert set(metrics[side]) == {"mean_log_p_target", "fraction_target", "diversity",
-                                      "frechet_to_real_target"}
+        assert set(metrics[side]) == {
+            "mean_log_p_target",
+            "fraction_target",
+            "diversity",
+            "frechet_to_real_target",
+        }
         assert all(np.isfinite(v) for v in metrics[side].values())
     assert metrics["real_target_diversity"] > 0 and metrics["wall_time_s"] > 0
     assert metrics["config"]["objective"]["name"] == "rtb"

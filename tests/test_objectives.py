@@ -1,4 +1,4 @@
-"""Identities of steer.objectives (THEORY §3), each against an independent computation."""
+"""Identities of steer.objectives (§3), each against an independent computation."""
 
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, PNDMScheduler, StableDiffusionPipeline
-from steer.pipelines import SteerDDPMPipeline, SteerStableDiffusionPipeline
 
 from steer.diffusion import lora_parameters
+from steer.pipelines import SteerDDPMPipeline, SteerStableDiffusionPipeline
 from steer.testing import tiny_clip_tokenizer, tiny_ddpm_pipeline, tiny_sd_components
 
 PROMPTS = ["a photo of a cat", "a red dog"]

@@ -9,9 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-import steer.rewards as R
 import torch
 from PIL import Image
+
+import steer.rewards as R
 from steer.rewards import NonFiniteRewardError, Reward
 
 PROMPTS = ["a photo of a cat", "a painting of a dog", "the cat", "a dog with a cat", "a", "on"]

@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import steer.rewards as R
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+
+import steer.rewards as R
 from steer.rewards.aesthetic import RewardMLP
 from steer.rewards.base import resize_center_crop
 from steer.rewards.imagereward import blip_configs, map_checkpoint

@@ -1,4 +1,4 @@
-"""Metrics of THEORY §6 on cases with known answers."""
+"""Metrics of §6 on cases with known answers."""
 
 from __future__ import annotations
 

@@ -60,8 +60,11 @@ def test_every_objective_runs_and_writes_outputs(tmp_path: Path, objective: str)
     out = main(_cfg(tmp_path, f"objective.name={objective}", "objective.train_fraction=0.5"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1
-    assert all(torch.isfinite(torch.tensor(v)) for k, v in summary["last"].items()
-               if k in ("loss", "reward", "grad_norm"))
+    assert all(
+        torch.isfinite(torch.tensor(v))
+        for k, v in summary["last"].items()
+        if k in ("loss", "reward", "grad_norm")
+    )
     for name in ("config.yaml", "curves.png", "eval/final.png", "lora", "checkpoint-1"):
         assert (out / name).exists(), name
     if objective in ("tb", "rtb"):
@@ -73,25 +76,44 @@ def test_every_objective_runs_and_writes_outputs(tmp_path: Path, objective: str)
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["tb", "rtb"])
 def test_tb_and_rtb_lower_the_residual(tmp_path: Path, objective: str) -> None:
-    cfg = _cfg(tmp_path, "model.pretrained=tiny-unconditional", "prompts.builtin=null",
-               "reward.name=test-darkness", "objective.beta=1.0", f"objective.name={objective}",
-               "lora.enabled=false", "train.steps=25", "train.batch_size=8", "train.lr=2e-3",
-               "objective.log_z_lr=0.3")
-    history = json.loads((main(cfg) / "summary.json").read_text())
-    run_hist = torch.load(sorted((tmp_path).glob("*/checkpoint-25"))[0] / "custom_checkpoint_0.pkl",
-                          weights_only=True)["history"]
-    first = sum(h["residual_abs"] for h in run_hist[:5]) / 5
-    last = sum(h["residual_abs"] for h in run_hist[-5:]) / 5
-    assert last < 0.5 * first, (first, last)
-    assert history["steps"] == 25
+    """Full fine-tuning of the tiny prior toward ``∝ prior · exp(-10 · brightness)`` (rtb) or
+    ``∝ exp(-10 · brightness)`` (tb): the mean |residual| falls well below where it started."""
+    cfg = _cfg(
+        tmp_path,
+        "model.pretrained=tiny-unconditional",
+        "prompts.builtin=null",
+        "reward.name=test-darkness",
+        "objective.beta=1.0",
+        f"objective.name={objective}",
+        "lora.enabled=false",
+        "model.timestep_spacing=trailing",
+        "train.steps=30",
+        "train.batch_size=8",
+        "train.lr=1e-4",
+        "objective.log_z_lr=0.3",
+    )
+    out = main(cfg)
+    history = torch.load(out / "checkpoint-30" / "custom_checkpoint_0.pkl", weights_only=True)[
+        "history"
+    ]
+    first = sum(h["residual_abs"] for h in history[:5]) / 5
+    last = sum(h["residual_abs"] for h in history[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
 
 
 def test_resume_equals_straight_run(tmp_path: Path) -> None:
     common = ("objective.name=tb", "train.batch_size=2", "log.checkpoints_total_limit=5")
     straight = main(_cfg(tmp_path / "a", "train.steps=2", *common))
     main(_cfg(tmp_path / "b", "train.steps=1", "log.run_name=r", *common))
-    resumed = main(_cfg(tmp_path / "b", "train.steps=2", "log.run_name=r",
-                        "log.resume_from_checkpoint=latest", *common))
+    resumed = main(
+        _cfg(
+            tmp_path / "b",
+            "train.steps=2",
+            "log.run_name=r",
+            "log.resume_from_checkpoint=latest",
+            *common,
+        )
+    )
     assert resumed == tmp_path / "b" / "r"
     for name in ("lora/pytorch_lora_weights.safetensors", "log_z.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
@@ -99,8 +121,15 @@ def test_resume_equals_straight_run(tmp_path: Path) -> None:
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="objective.name: 'tb' -> 'rtb'"):
-        main(_cfg(tmp_path / "b", "train.steps=3", "log.run_name=r",
-                  "log.resume_from_checkpoint=latest", "objective.name=rtb"))
+        main(
+            _cfg(
+                tmp_path / "b",
+                "train.steps=3",
+                "log.run_name=r",
+                "log.resume_from_checkpoint=latest",
+                "objective.name=rtb",
+            )
+        )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(_cfg(tmp_path / "c", "log.resume_from_checkpoint=/nonexistent/checkpoint-3"))
 
@@ -109,12 +138,25 @@ def test_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
     """4 trajectories x 1 step and 1 x 4 accumulated give the same gradient (tb)."""
     grads = {}
     for accum in (1, 4):
-        run = setup(_cfg(tmp_path / str(accum), "objective.name=tb", "train.batch_size=4",
-                         f"train.grad_accum={accum}"))
+        run = setup(
+            _cfg(
+                tmp_path / str(accum),
+                "objective.name=tb",
+                "train.batch_size=4",
+                f"train.grad_accum={accum}",
+            )
+        )
         torch.manual_seed(0)
-        batch = sample_batch(run.cfg, run.parts.policy, run.parts.prior, run.parts.reward,
-                             run.parts.decode, run.parts.cond, torch.Generator().manual_seed(1),
-                             run.accelerator.gather)
+        batch = sample_batch(
+            run.cfg,
+            run.parts.policy,
+            run.parts.prior,
+            run.parts.reward,
+            run.parts.decode,
+            run.parts.cond,
+            torch.Generator().manual_seed(1),
+            run.accelerator.gather,
+        )
         pieces = [batch] if accum == 1 else [_slice(batch, i) for i in range(4)]
         for piece in pieces:
             with run.accelerator.accumulate(run.parts.policy.unet):
@@ -129,15 +171,27 @@ def _slice(batch, i):
     from dataclasses import replace
 
     sel = slice(i, i + 1)
-    return replace(batch, traj=batch.traj[sel], raw_reward=batch.raw_reward[sel],
-                   log_reward=batch.log_reward[sel], prompt_index=batch.prompt_index[sel])
+    return replace(
+        batch,
+        traj=batch.traj[sel],
+        raw_reward=batch.raw_reward[sel],
+        log_reward=batch.log_reward[sel],
+        prompt_index=batch.prompt_index[sel],
+    )
 
 
 def test_bf16_keeps_trainable_weights_float32(tmp_path: Path) -> None:
     run = setup(_cfg(tmp_path, "train.mixed_precision=bf16", "objective.name=tb"))
-    batch = sample_batch(run.cfg, run.parts.policy, run.parts.prior, run.parts.reward,
-                         run.parts.decode, run.parts.cond, torch.Generator().manual_seed(0),
-                         run.accelerator.gather)
+    batch = sample_batch(
+        run.cfg,
+        run.parts.policy,
+        run.parts.prior,
+        run.parts.reward,
+        run.parts.decode,
+        run.parts.cond,
+        torch.Generator().manual_seed(0),
+        run.accelerator.gather,
+    )
     train_on_batch(run, batch)
     assert all(p.dtype == torch.float32 for p in run.params)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in run.params)
@@ -175,16 +229,30 @@ def test_two_processes(tmp_path: Path) -> None:
 def test_replay_and_exploration_run(tmp_path: Path) -> None:
     """Off-policy data: replayed trajectories re-scored under the current weights, and
     exploration noise; the loss stays finite and the buffer fills."""
-    cfg = _cfg(tmp_path, "objective.name=tb", "train.steps=3", "train.replay_buffer=4",
-               "train.replay_per_batch=2", "train.exploration_scale=0.5")
+    cfg = _cfg(
+        tmp_path,
+        "objective.name=tb",
+        "train.steps=3",
+        "train.replay_buffer=4",
+        "train.replay_per_batch=2",
+        "train.exploration_scale=0.5",
+    )
     run = setup(cfg)
     from steer.train.loop import with_replay
 
     gen = torch.Generator().manual_seed(0)
     sizes = []
     for _ in range(3):
-        fresh = sample_batch(cfg, run.parts.policy, run.parts.prior, run.parts.reward,
-                             run.parts.decode, run.parts.cond, gen, run.accelerator.gather)
+        fresh = sample_batch(
+            cfg,
+            run.parts.policy,
+            run.parts.prior,
+            run.parts.reward,
+            run.parts.decode,
+            run.parts.cond,
+            gen,
+            run.accelerator.gather,
+        )
         batch = with_replay(run, fresh)
         sizes.append(batch.traj.batch_size)
         metrics = train_on_batch(run, batch)

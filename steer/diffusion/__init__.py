@@ -1,4 +1,4 @@
-"""The diffusers bridge: Gaussian step densities (THEORY §2), :class:`DiffusionPolicy`, rollout.
+"""The diffusers bridge: Gaussian step densities (§2), :class:`DiffusionPolicy`, rollout.
 
 Only diffusers' public API is used: a scheduler's ``alphas_cumprod``, ``timesteps`` and ``config``.
 """

@@ -1,4 +1,4 @@
-"""A diffusers UNet as the forward policy ``P_F`` and the noising process as ``P_B`` (THEORY §2)."""
+"""A diffusers UNet as the forward policy ``P_F`` and the noising process as ``P_B`` (§2)."""
 
 from __future__ import annotations
 
@@ -287,7 +287,7 @@ class DiffusionPolicy(nn.Module):
         return gaussian_log_prob(x_t.to(dtype), ratio.sqrt() * x_next.to(dtype), (1 - ratio).sqrt())
 
     # ------------------------------------------------------------------------------------------
-    # the frozen prior (RTB, THEORY 3.3)
+    # the frozen prior (RTB, 3.3)
     # ------------------------------------------------------------------------------------------
     @contextmanager
     def adapters_disabled(self) -> Iterator[DiffusionPolicy]:
@@ -311,7 +311,7 @@ class DiffusionPolicy(nn.Module):
 
 
 def require_frozen(prior: DiffusionPolicy) -> DiffusionPolicy:
-    """Refuse a prior with trainable parameters, naming the first one (THEORY 3.3: frozen)."""
+    """Refuse a prior with trainable parameters, naming the first one ((3.3): frozen)."""
     for name, param in prior.unet.named_parameters():
         if param.requires_grad and (prior.use_adapters or not is_adapter_param(name)):
             raise ValueError(

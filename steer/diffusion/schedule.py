@@ -2,7 +2,7 @@
 
 Only ``alphas_cumprod``, the ``timesteps`` list that ``set_timesteps`` produces and the scheduler's
 ``config`` are read; no private helper and no scheduler ``step`` is used. Equation numbers refer to
-THEORY.md §2.
+docs/mathematics.md §2.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def make_schedule(
 ) -> StepSchedule:
     """Build the constants of (2.3)-(2.6) for ``num_inference_steps`` steps at noise level ``η``.
 
-    The previous timestep ``t'`` of each step is the next entry of ``scheduler.timesteps`` (THEORY
-    §2), and the scheduler's own final alpha after the last one.
+    The previous timestep ``t'`` of each step is the next entry of ``scheduler.timesteps`` (§2),
+    and the scheduler's own final alpha after the last one.
 
     Raises:
         TypeError / ValueError: unsupported scheduler or option, steps outside ``[1, T]``,
@@ -191,7 +191,7 @@ def make_schedule(
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """``log N(x; mean, std² I)`` summed over every non-batch dim (THEORY §2), shape ``[B]``.
+    """``log N(x; mean, std² I)`` summed over every non-batch dim (§2), shape ``[B]``.
 
     ``std`` broadcasts against ``x`` (e.g. ``[B, 1, 1, 1]``) and must be positive.
     """

@@ -1,4 +1,4 @@
-"""Pointed-DAG environments, exact soft-Bellman solvers and tabular/MLP policies (THEORY §4).
+"""Pointed-DAG environments, exact soft-Bellman solvers and tabular/MLP policies (§4).
 
 Every state of these DAGs may terminate. Everything is enumerated exactly: states, parents,
 children, path counts ``n(x)``, terminating distributions; ``steer exact`` prints the checks.

@@ -1,4 +1,4 @@
-"""Pointed DAGs with every state terminating, enumerated exactly (THEORY §1, §4).
+"""Pointed DAGs with every state terminating, enumerated exactly (§1, §4).
 
 A :class:`DAGEnvironment` holds ``N`` states sorted in topological order (``s0`` has index 0),
 ``K`` move types and one exit action ``⊤`` (the last column of every ``[N, K+1]`` action table).

@@ -1,4 +1,4 @@
-"""Exact solvers on enumerated DAGs (THEORY §4): soft Bellman, terminating distributions, rewards.
+"""Exact solvers on enumerated DAGs (§4): soft Bellman, terminating distributions, rewards.
 
 Every action table is ``[N, K+1]``: ``K`` moves then the exit ``⊤``; entries of invalid actions
 are ``-inf`` (log-probabilities, rewards) and never read. All functions are differentiable
@@ -72,7 +72,7 @@ def forward_log_flow(env: DAGEnvironment, log_pf: Tensor) -> Tensor:
 def terminating_log_distribution(env: DAGEnvironment, log_pf: Tensor) -> Tensor:
     """``log P_T(x) = log P(visit x) + log P_F(⊤ | x)`` of a tabular policy ``[N, K+1]``; ``[N]``.
 
-    The terminating distribution of THEORY §1, by one forward pass in topological order."""
+    The terminating distribution of §1, by one forward pass in topological order."""
     _check_table(env, log_pf, "log_pf")
     return forward_log_flow(env, log_pf) + log_pf[:, -1]
 
@@ -92,7 +92,7 @@ class SoftBellmanSolution:
 
 
 def soft_bellman(env: DAGEnvironment, reward: Tensor) -> SoftBellmanSolution:
-    """Soft value iteration in reverse topological order (THEORY §4, soft Bellman):
+    """Soft value iteration in reverse topological order (§4, soft Bellman):
     ``Q(s, a) = r(s, a) + V(child)``, ``V(⊤) = 0``, ``V(s) = logsumexp_a Q(s, a)``,
     ``π*(a|s) = exp(Q(s, a) - V(s))``. ``reward`` is ``[N, K+1]`` (the exit in the last column).
     """

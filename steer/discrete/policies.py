@@ -3,7 +3,7 @@
 A policy module returns a :class:`PolicyTable` for every state at once (the DAGs are small):
 ``log P_F(a|s)`` ``[N, K+1]``, a state flow ``log F(s)`` ``[N]`` and ``log Z``. With
 ``parametrization="q"`` the outputs are soft Q-values: ``log P_F = Q - V``, ``log F = V =
-logsumexp_a Q`` and ``log Z = V(s0)`` (soft Q-learning / PCL, THEORY 4.3).
+logsumexp_a Q`` and ``log Z = V(s0)`` (soft Q-learning / PCL, (4.3)).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``steer exact``: the exact checks of THEORY §4 on enumerable DAGs, printed as a table.
+"""``steer exact``: the exact checks of §4 on enumerable DAGs, printed as a table.
 
 Exact rows solve soft Bellman in closed form and compare terminating distributions (bound
 1e-9); identity rows compare residuals trajectory by trajectory / transition by transition;

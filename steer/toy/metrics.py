@@ -1,4 +1,4 @@
-"""Metrics of samplers of unnormalised densities (THEORY §6).
+"""Metrics of samplers of unnormalised densities (§6).
 
 With log-weights ``w_i = log R(x_i) + log P_B(τ_i | x_i) - log P_F(τ_i)``: ELBO ``= mean w``,
 ``log Ẑ_RW = logmeanexp w`` (forward trajectories), EUBO ``= mean w`` over backward trajectories
@@ -33,7 +33,7 @@ __all__ = [
 
 
 def log_weights(traj: Trajectory, log_reward: Tensor) -> Tensor:
-    """``w = log R(x) + Σ log P_B - log P_F(τ)`` per trajectory, ``[B]`` (THEORY §6)."""
+    """``w = log R(x) + Σ log P_B - log P_F(τ)`` per trajectory, ``[B]`` (§6)."""
     return log_reward + traj.log_pb_total() - traj.log_pf_total()
 
 

@@ -1,4 +1,4 @@
-"""``posterior9``: the relative-trajectory-balance toy (THEORY 3.3).
+"""``posterior9``: the relative-trajectory-balance toy ((3.3)).
 
 The prior is a :class:`DiffusionSampler` trained by denoising on exact ``gmm25`` samples: it
 maximises ``log P_F(τ)`` of Brownian-bridge (noising) trajectories of data, the diffusion

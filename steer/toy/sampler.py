@@ -1,4 +1,4 @@
-"""A time-discretised diffusion sampler of an unnormalised density (THEORY §2, toy form).
+"""A time-discretised diffusion sampler of an unnormalised density (§2, toy form).
 
 The forward policy integrates the SDE ``dx = f_θ(x, t) dt + σ g_θ(x, t) dW`` from ``t = 0`` to
 ``t = 1`` over ``T`` Euler-Maruyama steps of size ``h = 1/T``, starting from a point mass at 0 or
@@ -13,7 +13,7 @@ reference process ``x_t = x_0 + σ W_t`` (``x_0 ~ N(0, σ0²)``): with ``v_k = �
     (T2) ``P_B(x_k | x_{k+1}) = N(x_k; (v_k / v_{k+1}) x_{k+1}, h σ² (v_k / v_{k+1}) I)``
 
 (deterministic at ``k = 0`` from a point mass: ``log P_B = 0`` there). These are the step
-densities (2.5)/(2.6) of THEORY §2 in continuous-time form; a trajectory is a
+densities (2.5)/(2.6) of §2 in continuous-time form; a trajectory is a
 :class:`steer.trajectory.Trajectory` whose ``latents`` run ``x_0, ..., x_T`` (noise to data).
 
 Speed: the time embedding depends on ``t`` alone and is computed once per call for the ``T``
@@ -282,7 +282,7 @@ class DiffusionSampler(nn.Module):
 
 
 def _log_normal(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
-    """``Σ_d log N(x; mean, std²)`` over the last dimension (a true density, THEORY §2)."""
+    """``Σ_d log N(x; mean, std²)`` over the last dimension (a true density, §2)."""
     d = x.shape[-1]
     if isinstance(std, float):
         return -0.5 * (x - mean).square().sum(-1) / std**2 - d * (math.log(std) + 0.5 * LOG_2PI)

@@ -1,6 +1,6 @@
 """Unnormalised target densities with exact log-density, exact samples and known ``log Z``.
 
-A target gives the log-reward ``log R(x) = -E(x)`` of THEORY §1 (``P*(x) = R(x) / Z``), exact
+A target gives the log-reward ``log R(x) = -E(x)`` of §1 (``P*(x) = R(x) / Z``), exact
 samples of ``P*`` (for the EUBO, W2 and MMD of §6) and ``log Z``. Named targets: ``gmm25``,
 ``funnel``, ``manywell``, ``gmm40``; ``posterior9`` lives in :mod:`steer.toy.posterior`.
 A Python callable ``energy(x [B, d]) -> [B]`` becomes a target through :class:`UserTarget`.

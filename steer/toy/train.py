@@ -2,7 +2,7 @@
 
 Every iteration samples trajectories without a graph (forward rollouts, with exploration noise,
 or backward bridges from replay-buffer samples), re-scores them in one batched pass under the
-current weights and applies an objective of :mod:`steer.objectives` (THEORY §3).
+current weights and applies an objective of :mod:`steer.objectives` (§3).
 """
 
 from __future__ import annotations

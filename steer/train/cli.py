@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-
 from importlib import resources
 from pathlib import Path
 

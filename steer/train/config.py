@@ -40,6 +40,7 @@ class ModelConfig:
     num_inference_steps: int = 20
     eta: float = 1.0
     guidance_scale: float = 1.0
+    timestep_spacing: str | None = None  # leading | trailing | linspace; None keeps the model's
     gradient_checkpointing: bool = False
     cache_dir: str | None = None
 
@@ -50,6 +51,9 @@ class ModelConfig:
             )
         _positive("model.eta", self.eta, strict=False)
         _positive("model.guidance_scale", self.guidance_scale, strict=False)
+        if self.timestep_spacing is not None:
+            _choice("model.timestep_spacing", self.timestep_spacing,
+                    ("leading", "trailing", "linspace"))  # fmt: skip
 
 
 @dataclass

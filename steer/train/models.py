@@ -86,7 +86,8 @@ def build_components(cfg: Config, device: torch.device) -> Components:
     pipe.to(device)
     unet = pipe.unet
     conditional = isinstance(unet, UNet2DConditionModel)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    spacing = cfg.model.timestep_spacing or pipe.scheduler.config.get("timestep_spacing", "leading")
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
     # 1. prompts (conditional models only)
     prompts = load_prompts(cfg.prompts)
     if conditional and prompts is None:

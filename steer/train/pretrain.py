@@ -1,7 +1,7 @@
 """Generic DDPM pretraining of a diffusers ``UNet2DModel`` on an in-memory tensor dataset.
 
-Epsilon prediction (Ho et al., 2020, eq. 14): the network's output is the ``ε̂`` of THEORY (2.1),
-so a model trained here plugs into the policy of THEORY (2.1)-(2.5) unchanged. An exponential
+Epsilon prediction (Ho et al., 2020, eq. 14): the network's output is the ``ε̂`` of (2.1),
+so a model trained here plugs into the policy of (2.1)-(2.5) unchanged. An exponential
 moving average (EMA) of the weights is what gets saved.
 """
 
@@ -99,7 +99,7 @@ def ddpm_loss(
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(x0)  # [B, C, H, W]
     t = t.to(x0.device)
-    # 2. x_t from the forward process (the marginal of THEORY (2.6) from t = 0)
+    # 2. x_t from the forward process (the marginal of (2.6) from t = 0)
     x_t = scheduler.add_noise(x0, noise, t)  # [B, C, H, W]
     # 3. regress the noise
     eps = unet(x_t, t).sample  # [B, C, H, W]
@@ -170,7 +170,7 @@ def sample_ddim(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """DDIM sampling (THEORY (2.1)-(2.5); ``eta=1``: DDPM posterior variance) with diffusers'
+    """DDIM sampling ((2.1)-(2.5); ``eta=1``: DDPM posterior variance) with diffusers'
     ``DDIMScheduler`` built from ``scheduler``'s config. Returns ``[N, C, H, W]`` in ``[-1, 1]``.
     No ``torch.no_grad`` here: wrap the call when no gradient is wanted."""
     ddim = DDIMScheduler.from_config(scheduler.config)
