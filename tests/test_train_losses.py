@@ -66,6 +66,26 @@ def test_surrogate_gradient_equals_end_to_end_gradient(name: str, penalty: str) 
         torch.testing.assert_close(surrogate[1], exact[1])
 
 
+@pytest.mark.parametrize("name", ["tb", "rtb"])
+def test_batch_log_z_is_vargrad(name: str) -> None:
+    """Without a log Z module, tb / rtb use the batch estimate per prompt: (3.2) / (3.7)."""
+    theta, batch, log_pf_of = _setup(2)
+    obj = TrainObjective(ObjectiveConfig(name=name))
+    _, residual = obj._loss_of_log_pf(batch, batch.traj.log_pf)
+    t = batch.traj
+    expected = (
+        O.vargrad(t.log_p_init + t.log_pf.sum(1), t.log_pb, batch.log_reward, batch.prompt_index)
+        if name == "tb"
+        else O.relative_vargrad(t.log_pf, batch.log_pf_prior, batch.log_reward, batch.prompt_index)
+    )
+    torch.testing.assert_close(residual, expected)
+    direct, _ = obj.prepare(batch)
+    total = direct + sum(obj.step_loss(batch, k, StepTerms(log_pf_of(k)), K) for k in range(K))
+    full = torch.stack([log_pf_of(k) for k in range(K)], 1)
+    (exact,) = torch.autograd.grad(obj._loss_of_log_pf(batch, full)[0], theta)
+    torch.testing.assert_close(torch.autograd.grad(total, theta)[0], exact)
+
+
 def test_subset_of_steps_is_unbiased() -> None:
     theta, batch, log_pf_of = _setup(1)
     obj = TrainObjective(ObjectiveConfig(name="tb"), log_z=LogZTable(2).double())

@@ -82,7 +82,7 @@ class ObjectiveConfig:
     penalty: str = "squared"
     log_z_lr: float = 1e-1
     log_z_init: float = 0.0
-    log_z_mode: str = "auto"  # table (fixed prompt set) | network (open set) | auto
+    log_z_mode: str = "auto"  # table (fixed prompt set) | network (open set) | batch | auto
     flow_lr: float = 1e-3
     flow_ema: float = 0.0  # 0 disables the EMA target of F̃ (db)
     subtb_lambda: float = 0.9
@@ -95,7 +95,7 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         _choice("objective.name", self.name, OBJECTIVES)
         _choice("objective.penalty", self.penalty, PENALTIES)
-        _choice("objective.log_z_mode", self.log_z_mode, ("auto", "table", "network"))
+        _choice("objective.log_z_mode", self.log_z_mode, ("auto", "table", "network", "batch"))
         _positive("objective.beta", self.beta)
         if not 0 < self.train_fraction <= 1:
             raise ValueError(

@@ -78,8 +78,8 @@ class TrainObjective:
         self.penalty = PENALTIES[cfg.penalty]
         self.log_z, self.flow = log_z, flow
         self.flow_target = flow_target if flow_target is not None else flow
-        if self.name in ("tb", "rtb") and log_z is None:
-            raise ValueError(f"objective {self.name!r} needs a log Z module")
+        # tb / rtb without a log Z module estimate it from the batch, per prompt: (3.2) / (3.7)
+        self.batch_log_z = self.name in ("tb", "rtb") and log_z is None
         if self.name in ("db", "subtb") and flow is None:
             raise ValueError(f"objective {self.name!r} needs a flow network")
         self._coef: Tensor | None = None
@@ -91,12 +91,17 @@ class TrainObjective:
         traj, name = batch.traj, self.name
         if name in ("tb", "vargrad"):
             pf = traj.log_p_init + log_pf.sum(1)
-            if name == "tb":
+            if name == "tb" and not self.batch_log_z:
                 log_z = self.log_z(batch.prompt_index, batch.pooled)
                 self._log_z_value = float(log_z.detach().float().mean())
                 delta = O.trajectory_balance(pf, traj.log_pb, batch.log_reward, log_z)
             else:
                 delta = O.vargrad(pf, traj.log_pb, batch.log_reward, group=batch.prompt_index)
+            return self.penalty(delta).mean(), delta
+        if name == "rtb" and self.batch_log_z:
+            delta = O.relative_vargrad(
+                log_pf, batch.log_pf_prior, batch.log_reward, group=batch.prompt_index
+            )
             return self.penalty(delta).mean(), delta
         if name == "rtb":
             log_z = self.log_z(batch.prompt_index, batch.pooled)

@@ -143,7 +143,7 @@ def build_objective_modules(
     """``log Z`` (tb, rtb) and the flow network ``F̃`` (db, subtb), on ``device``."""
     name, cond = cfg.objective.name, parts.cond
     log_z = flow = None
-    if name in ("tb", "rtb"):
+    if name in ("tb", "rtb") and cfg.objective.log_z_mode != "batch":
         n = 1 if cond.prompts is None else len(cond.prompts)
         mode = cfg.objective.log_z_mode
         if mode == "auto":
