@@ -57,7 +57,17 @@ def _cfg(tmp_path: Path, *overrides: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["tb", "rtb", "db", "vargrad", "subtb", "ddpo", "dpok"])
 def test_every_objective_runs_and_writes_outputs(tmp_path: Path, objective: str) -> None:
-    out = main(_cfg(tmp_path, f"objective.name={objective}", "objective.train_fraction=0.5"))
+    tracker = "tensorboard" if objective == "tb" else "none"
+    out = main(
+        _cfg(
+            tmp_path,
+            f"objective.name={objective}",
+            "objective.train_fraction=0.5",
+            f"log.tracker={tracker}",
+        )
+    )
+    if tracker == "tensorboard":
+        assert any((out / "logs").rglob("events.out.tfevents.*"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1
     assert all(

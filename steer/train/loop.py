@@ -144,6 +144,7 @@ def setup(cfg: Config) -> Run:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
+        project_dir=cfg.log.output_dir,  # the run folder is set once known (start_run)
     )
     set_seed(cfg.train.seed, device_specific=True)  # ranks draw different prompts and noise
     out = start_run(cfg, acc)
