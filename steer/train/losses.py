@@ -97,11 +97,15 @@ class TrainObjective:
                 delta = O.trajectory_balance(pf, traj.log_pb, batch.log_reward, log_z)
             else:
                 delta = O.vargrad(pf, traj.log_pb, batch.log_reward, group=batch.prompt_index)
+                log_w = (batch.log_reward + traj.log_pb.sum(1) - pf).detach()
+                self._log_z_value = float(log_w.mean())  # the batch estimate, for the curves
             return self.penalty(delta).mean(), delta
         if name == "rtb" and self.batch_log_z:
             delta = O.relative_vargrad(
                 log_pf, batch.log_pf_prior, batch.log_reward, group=batch.prompt_index
             )
+            log_w = batch.log_reward + batch.log_pf_prior.sum(1) - log_pf.detach().sum(1)
+            self._log_z_value = float(log_w.mean())  # the batch estimate, for the curves
             return self.penalty(delta).mean(), delta
         if name == "rtb":
             log_z = self.log_z(batch.prompt_index, batch.pooled)
