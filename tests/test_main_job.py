@@ -65,7 +65,6 @@ def test_main_job_writes_every_output(cache: Path, tmp_path: Path, monkeypatch) 
         "metrics.json",
         "config.yaml",
         "unet",
-        "log_z.safetensors",
     ):
         assert (out / name).exists(), name
     samples = np.load(out / "samples.npz")
