@@ -20,8 +20,7 @@ import torch
 
 from benchmarks._report import hardware, markdown_table, write_section
 from steer.train.config import load_config
-from steer.train.loop import setup, train_on_batch
-from steer.train.sampling import sample_batch
+from steer.train.loop import sample, setup, train_on_batch
 
 OBJECTIVES = ("tb", "rtb", "db", "ddpo", "dpok")
 
@@ -81,16 +80,7 @@ def _run(objective: str, out: Path, steps: int, batch: int, fraction: float, rep
             timer.totals.clear()
             calls[0] = 0
             t0 = time.perf_counter()
-            batch_ = sample_batch(
-                cfg,
-                run.parts.policy,
-                run.parts.prior,
-                run.parts.reward,
-                run.parts.decode,
-                run.parts.cond,
-                run.state.generator,
-                run.accelerator.gather,
-            )
+            batch_ = sample(run)
             sampled = time.perf_counter() - t0
             rollout_calls = calls[0]
             calls[0] = 0
@@ -140,7 +130,7 @@ def main() -> None:
         "prior (s)",
         "training (s)",
         "step (s)",
-        "UNet passes in rollout",
+        "UNet passes while sampling (rtb: + prior)",
         "UNet passes per trained transition",
     ]
     text = (

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 
 import steer.rewards
 from steer.train.config import load_config
-from steer.train.loop import main, setup, train_on_batch
-from steer.train.sampling import sample_batch
+from steer.train.loop import main, sample, setup, train_on_batch, with_replay
 
 ROOT = Path(__file__).parents[1]
 
@@ -157,16 +156,7 @@ def test_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
             )
         )
         torch.manual_seed(0)
-        batch = sample_batch(
-            run.cfg,
-            run.parts.policy,
-            run.parts.prior,
-            run.parts.reward,
-            run.parts.decode,
-            run.parts.cond,
-            torch.Generator().manual_seed(1),
-            run.accelerator.gather,
-        )
+        batch = sample(run, torch.Generator().manual_seed(1))
         pieces = [batch] if accum == 1 else [_slice(batch, i) for i in range(4)]
         for piece in pieces:
             with run.accelerator.accumulate(run.parts.policy.unet):
@@ -192,16 +182,7 @@ def _slice(batch, i):
 
 def test_bf16_keeps_trainable_weights_float32(tmp_path: Path) -> None:
     run = setup(_cfg(tmp_path, "train.mixed_precision=bf16", "objective.name=tb"))
-    batch = sample_batch(
-        run.cfg,
-        run.parts.policy,
-        run.parts.prior,
-        run.parts.reward,
-        run.parts.decode,
-        run.parts.cond,
-        torch.Generator().manual_seed(0),
-        run.accelerator.gather,
-    )
+    batch = sample(run, torch.Generator().manual_seed(0))
     train_on_batch(run, batch)
     assert all(p.dtype == torch.float32 for p in run.params)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in run.params)
@@ -248,25 +229,20 @@ def test_replay_and_exploration_run(tmp_path: Path) -> None:
         "train.exploration_scale=0.5",
     )
     run = setup(cfg)
-    from steer.train.loop import with_replay
 
     gen = torch.Generator().manual_seed(0)
     sizes = []
     for _ in range(3):
-        fresh = sample_batch(
-            cfg,
-            run.parts.policy,
-            run.parts.prior,
-            run.parts.reward,
-            run.parts.decode,
-            run.parts.cond,
-            gen,
-            run.accelerator.gather,
-        )
-        batch = with_replay(run, fresh)
+        batch = with_replay(run, sample(run, gen))
         sizes.append(batch.traj.batch_size)
         metrics = train_on_batch(run, batch)
         assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert sizes == [2, 4, 4] and len(run.buffer) == 4
+    # and through the loop itself
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = main(cfg)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
     with pytest.raises(ValueError, match="is on-policy"):
         _cfg(tmp_path, "objective.name=ddpo", "train.replay_buffer=4", "train.replay_per_batch=2")

@@ -80,6 +80,15 @@ def train_on_batch(run: Run, batch: RolloutBatch) -> dict[str, float]:
     return metrics
 
 
+def sample(run: Run, generator: torch.Generator | None = None) -> RolloutBatch:
+    """One fresh rollout batch of this process: ``sample_batch`` with the run's parts."""
+    p, acc = run.parts, run.accelerator
+    gen = run.state.generator if generator is None else generator
+    return sample_batch(
+        run.cfg, p.policy, p.prior, p.reward, p.decode, p.cond, gen, acc.gather, acc.process_index
+    )
+
+
 def with_replay(run: Run, fresh: RolloutBatch) -> RolloutBatch:
     """Add ``train.replay_per_batch`` buffer trajectories, re-scored under the current weights,
     to a fresh batch; then store the fresh one."""
@@ -213,17 +222,7 @@ def main(cfg: Config) -> Path:
         for _ in range(cfg.train.grad_accum):
             with acc.accumulate(run.parts.policy.unet):
                 try:
-                    batch = sample_batch(
-                        cfg,
-                        run.parts.policy,
-                        run.parts.prior,
-                        run.parts.reward,
-                        run.parts.decode,
-                        run.parts.cond,
-                        state.generator,
-                        acc.gather,
-                        acc.process_index,
-                    )
+                    batch = with_replay(run, sample(run))
                     metrics = train_on_batch(run, batch)
                 except NonFiniteError as err:
                     _handle_nonfinite(run, err)
