@@ -51,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in METHODS:
             m = run_method(name, args.steps, args.target, Path(tmp) / name)
-            prior = m["prior"]
+            prior, real_div = m["prior"], m["real_target_diversity"]
             p = m["posterior"]
             rows.append(
                 [
@@ -89,7 +89,7 @@ def main() -> None:
         f"{cfg.train.batch_size} trajectories (K={cfg.model.num_inference_steps}, η=1, β="
         f"{cfg.objective.beta}), then 256 samples are scored by the digits classifier. Diversity "
         "is the mean pairwise L2 distance between samples (real digits of the class: "
-        f"{m['real_target_diversity']:.3f}); Fréchet distance in the classifier's feature space "
+        f"{real_div:.3f}); Fréchet distance in the classifier's feature space "
         f"to real digits of the class.\n\nHardware: {hardware()}\n\n"
         f"{markdown_table(header, rows)}\n\n"
         "For reference, the RTB paper (Venkatraman et al. 2024) reports on MNIST class "

@@ -246,3 +246,13 @@ def test_replay_and_exploration_run(tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     with pytest.raises(ValueError, match="is on-policy"):
         _cfg(tmp_path, "objective.name=ddpo", "train.replay_buffer=4", "train.replay_per_batch=2")
+
+
+def test_nonfinite_samples_stop_after_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A policy whose samples are NaN stops the run with the step and the term, checkpointed."""
+    import steer.train.models as models
+
+    monkeypatch.setattr(models, "_latent_decoder", lambda pipe: lambda x: x * float("nan"))
+    with pytest.raises(RuntimeError, match=r"stopped at step 0: .*sample \(policy output\)"):
+        main(_cfg(tmp_path, "objective.name=tb", "log.run_name=nan"))
+    assert (tmp_path / "nan" / "checkpoint-0").is_dir()

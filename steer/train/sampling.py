@@ -86,6 +86,13 @@ def sample_batch(
         )
         # 2. the reward of x_0, and of x̂_θ(x_k) at every visited state for db / subtb
         images = decode(traj.x0)
+        if not bool(torch.isfinite(images).all()):  # the policy itself diverged
+            bad = torch.nonzero(~torch.isfinite(images.flatten(1)).all(1)).flatten().tolist()
+            raise NonFiniteError(
+                "sample (policy output)",
+                bad,
+                None if prompts is None else [prompts[i] for i in bad],
+            )
         raw = score(reward, images, prompts)  # [B]
         log_reward = raw / cfg.objective.beta
         log_reward_pred = None
