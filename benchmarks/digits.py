@@ -50,7 +50,13 @@ def main() -> None:
     rows, prior = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for name in METHODS:
-            m = run_method(name, args.steps, args.target, Path(tmp) / name)
+            t0 = time.time()
+            try:
+                m = run_method(name, args.steps, args.target, Path(tmp) / name)
+            except RuntimeError as err:  # a diverged run is a result too
+                print(err)
+                rows.append([name, "diverged", str(err).split(";")[0], "-", "-", time.time() - t0])
+                continue
             prior, real_div = m["prior"], m["real_target_diversity"]
             p = m["posterior"]
             rows.append(
