@@ -55,7 +55,8 @@ def main() -> None:
                 m = run_method(name, args.steps, args.target, Path(tmp) / name)
             except RuntimeError as err:  # a diverged run is a result too
                 print(err)
-                rows.append([name, "diverged", str(err).split(";")[0], "-", "-", time.time() - t0])
+                what = str(err).split(":")[0]
+                rows.append([name, f"diverged: {what}", "-", "-", "-", time.time() - t0])
                 continue
             prior, real_div = m["prior"], m["real_target_diversity"]
             p = m["posterior"]
@@ -82,7 +83,7 @@ def main() -> None:
     )
     header = [
         "method",
-        "E[log p(c|x)]",
+        "E[log p(c \\| x)]",
         "fraction class c",
         "diversity",
         "Fréchet to real c",
