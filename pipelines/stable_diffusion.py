@@ -76,8 +76,11 @@ class SteerStableDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderM
     # ------------------------------------------------------------------------------------------
     # building blocks (reusable, gradients are the caller's choice)
     # ------------------------------------------------------------------------------------------
-    def encode_prompt(self, prompts: list[str]) -> Tensor:
-        """CLIP embeddings ``[B, L, D]`` of ``prompts`` (padded to the tokenizer's max length)."""
+    def encode_prompt(
+        self, prompts: list[str], return_pooled: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """CLIP embeddings ``[B, L, D]`` of ``prompts`` (padded to the tokenizer's max length);
+        with ``return_pooled`` also the pooled embeddings ``[B, D]``."""
         ids = self.tokenizer(
             prompts,
             padding="max_length",
@@ -85,7 +88,9 @@ class SteerStableDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderM
             truncation=True,
             return_tensors="pt",
         ).input_ids
-        return self.text_encoder(ids.to(self.device))[0].to(self.unet.dtype)
+        out = self.text_encoder(ids.to(self.device))
+        embeds = out[0].to(self.unet.dtype)
+        return (embeds, out.pooler_output) if return_pooled else embeds
 
     def prompt_cond(
         self, prompts: list[str], guidance_scale: float, negative_prompt: str | list[str] = ""

@@ -65,17 +65,10 @@ def load_pipeline(cfg: Config) -> Any:
 
 
 def _encode_prompts(pipe: Any, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Prompt embeddings ``[P, L, D]`` and pooled embeddings ``[P, D]`` of the text encoder."""
-    tok = pipe.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
+    """Prompt embeddings ``[P, L, D]`` and pooled embeddings ``[P, D]``, in float32."""
     with torch.no_grad():
-        out = pipe.text_encoder(tok.input_ids.to(device))
-    return out.last_hidden_state.float(), out.pooler_output.float()
+        embeds, pooled = pipe.encode_prompt(prompts, return_pooled=True)
+    return embeds.float().to(device), pooled.float().to(device)
 
 
 def build_components(cfg: Config, device: torch.device) -> Components:
