@@ -17,8 +17,12 @@ densities (2.5)/(2.6) of §2 in continuous-time form; a trajectory is a
 :class:`steer.trajectory.Trajectory` whose ``latents`` run ``x_0, ..., x_T`` (noise to data).
 
 Speed: the time embedding depends on ``t`` alone and is computed once per call for the ``T``
-times; sampling runs the small MLP step by step, while the log-probabilities of stored states are
-re-scored in one batched pass over all ``B·T`` states (:meth:`DiffusionSampler.evaluate`).
+times. Sampling must run the state MLP step by step; without the reparametrisation gradient
+(off-policy training, ``detach_states=True``) that pass runs without autograd and records the
+hidden activations, and ``log_pf`` gets its gradient from one batched backward over all ``B·T``
+recorded states (:class:`_ReplayedTrunk`): no second forward pass and no per-step autograd graph.
+Stored states (buffer samples, backward trajectories) are re-scored the same way in one batched
+pass (:meth:`DiffusionSampler.evaluate`).
 """
 
 from __future__ import annotations
@@ -109,6 +113,8 @@ class DiffusionSampler(nn.Module):
         nn.init.zeros_(self.out.weight)  # start as the reference process: zero drift
         nn.init.zeros_(self.out.bias)
         self.log_z = nn.Parameter(torch.zeros(()))
+        self._workspace: dict[tuple, list[Tensor]] = {}  # reused rollout activation buffers
+        self._generation = 0
         t = torch.arange(config.steps + 1, dtype=torch.float32) / config.steps
         self.register_buffer("times", t)  # [T+1]
         var = config.init_std**2 + config.sigma**2 * t  # [T+1], v_k of (T2)
@@ -154,6 +160,60 @@ class DiffusionSampler(nn.Module):
         flow = out[..., -1] if cfg.flow else None
         return drift, std, flow
 
+    def _record(self, x: Tensor, temb: Tensor) -> _Record:
+        """No-grad pass of the state MLP over ``x [T, B, d]`` (ReLU, time-major), keeping the
+        activations that :class:`_ReplayedTrunk` needs for its batched backward."""
+        with torch.no_grad():
+            h = torch.baddbmm(temb[:, None, :], x, self.x_in.weight.T.expand(len(x), -1, -1))
+            hs = [h.relu_()]
+            for layer in self.hidden_layers:
+                hs.append(nn.functional.linear(hs[-1], layer.weight, layer.bias).relu_())
+            out = nn.functional.linear(hs[-1], self.out.weight, self.out.bias)
+        return _Record(x, hs, out)
+
+    def _replay(self, record: _Record, temb: Tensor) -> Tensor:
+        """The recorded outputs ``[T, B, n_out]``, with a graph to the weights when one is
+        being built (one batched backward, no second forward)."""
+        if not torch.is_grad_enabled():
+            return record.out
+        weights = [self.x_in.weight]
+        for layer in self.hidden_layers:
+            weights += [layer.weight, layer.bias]
+        weights += [self.out.weight, self.out.bias]
+        if not (temb.requires_grad or any(w.requires_grad for w in weights)):
+            return record.out
+        return _ReplayedTrunk.apply(record, temb, *weights)
+
+    def _activation_buffers(
+        self, n_steps: int, batch: int, record: _Record | None
+    ) -> tuple[list[Tensor], Tensor]:
+        """Hidden ``[T, B, H]`` and output ``[T, B, n_out]`` buffers of a recorded rollout.
+
+        When a graph is being built (``record`` given) they are kept and reused across calls
+        of the same shape
+        (fresh multi-MiB allocations cost page faults on every iteration); ``record`` then
+        takes the reuse generation, and a backward through a record whose buffers a later
+        rollout overwrote raises instead of returning wrong gradients."""
+        dev, dtype = self.times.device, self.times.dtype
+        shapes = [(n_steps, batch, self.config.hidden)] * (len(self.hidden_layers) + 1)
+        shapes.append((n_steps, batch, self.n_out))
+        if record is None:  # no graph: nothing outlives this call
+            bufs = [torch.empty(shape, device=dev, dtype=dtype) for shape in shapes]
+            return bufs[:-1], bufs[-1]
+        key = (n_steps, batch, dev, dtype)
+        if key not in self._workspace:
+            self._workspace.clear()
+            self._workspace[key] = [torch.empty(shape, device=dev, dtype=dtype) for shape in shapes]
+        self._generation += 1
+        record.owner, record.generation = self, self._generation
+        bufs = self._workspace[key]
+        return bufs[:-1], bufs[-1]
+
+    def _fast(self) -> bool:
+        """Whether the record-and-replay path applies (ReLU: its derivative is the output's
+        sign, so the recorded activations suffice)."""
+        return self.config.activation == "relu"
+
     def target_score(self, x: Tensor) -> Tensor:
         """``∇ log R(x)`` of the target (no graph kept), shape of ``x``."""
         if self.score is None:
@@ -189,7 +249,12 @@ class DiffusionSampler(nn.Module):
         temb, lgv_scale = self.time_embedding()  # [T, H], [T, 1]
         if cfg.langevin and scores is None:
             scores = self.target_score(x.reshape(-1, cfg.dim)).view_as(x)
-        drift, std, flow = self._drift_std(self._trunk(x, temb), scores, lgv_scale)
+        if self._fast() and not latents.requires_grad:
+            x_tm = x.detach().transpose(0, 1).contiguous()  # [T, B, d]
+            out = self._replay(self._record(x_tm, temb.detach()), temb).transpose(0, 1)
+        else:
+            out = self._trunk(x, temb)
+        drift, std, flow = self._drift_std(out, scores, lgv_scale)
         return _log_normal(x_next, x + self.dt * drift, std), flow
 
     def log_pb(self, latents: Tensor) -> Tensor:
@@ -218,16 +283,19 @@ class DiffusionSampler(nn.Module):
 
         Gradients follow the states (reparametrised) unless ``detach_states`` (then ``log_pf``
         keeps the graph of each step's mean and std only, the TB gradient of off-policy
-        training) or the caller disables them. ``extras["scores"]`` ``[B, T, d]`` if Langevin.
+        training) or the caller disables them. ``extras["scores"]`` ``[B, T, d]`` if Langevin,
+        ``extras["log_flow"]`` ``[B, T]`` with a flow head.
         """
         cfg, dev = self.config, self.times.device
         x = torch.randn(batch, cfg.dim, generator=generator, device=dev) * cfg.init_std
         noise = torch.randn(cfg.steps, batch, cfg.dim, generator=generator, device=dev)
         temb, lgv_scale = self.time_embedding()  # [T, H], [T, 1]: once per t
-        states, means, stds, scores = [x], [], [], []
+        if self._fast() and (detach_states or not torch.is_grad_enabled()):
+            return self._rollout_recorded(x, noise, explore, temb, lgv_scale)
+        states, means, stds, scores, flows = [x], [], [], [], []
         for k in range(cfg.steps):
             score = self.target_score(x) if cfg.langevin else None
-            drift, std, _ = self._drift_std(
+            drift, std, flow = self._drift_std(
                 self._trunk(x, temb[k]), score, None if lgv_scale is None else lgv_scale[k]
             )
             mean = torch.add(x, drift, alpha=self.dt)
@@ -245,18 +313,96 @@ class DiffusionSampler(nn.Module):
             states.append(x), means.append(mean), stds.append(std)
             if score is not None:
                 scores.append(score)
+            if flow is not None:
+                flows.append(flow)
         latents = torch.stack(states, dim=1)  # [B, T+1, d]
         std_all = torch.stack(stds, 1) if cfg.learned_variance else stds[0]
         log_pf = _log_normal(latents[:, 1:], torch.stack(means, dim=1), std_all)  # [B, T]
         extras = {"scores": torch.stack(scores, dim=1)} if scores else {}
+        if flows:
+            extras["log_flow"] = torch.stack(flows, dim=1)  # [B, T]
+        return self._trajectory(latents, log_pf, extras)
+
+    def _rollout_recorded(
+        self, x: Tensor, noise: Tensor, explore: float, temb: Tensor, lgv_scale: Tensor | None
+    ) -> Trajectory:
+        """Rollout without the reparametrisation gradient: the MLP runs step by step without
+        autograd into preallocated activation buffers, then ``log_pf`` (and the flow head) are
+        computed for all steps at once from the replayed outputs."""
+        cfg, (n_steps, batch, d) = self.config, noise.shape
+        dt, clip = self.dt, cfg.drift_clip
+        record = _Record(None, [], None)  # type: ignore[arg-type]
+        keep = torch.is_grad_enabled()
+        with torch.no_grad():
+            # Every step writes into its slice of the buffers (``addmm(..., out=)``);
+            # ``unbind`` makes the per-step views once.
+            hs, out = self._activation_buffers(n_steps, batch, record if keep else None)
+            temb_d = temb.detach()
+            b_hidden = [layer.bias.detach() for layer in self.hidden_layers]
+            b_out = self.out.bias.detach()
+            xs = x.new_empty(n_steps + 1, batch, d)
+            xs[0] = x
+            scores = x.new_empty(n_steps, batch, d) if cfg.langevin else None
+            h_k = [h.unbind(0) for h in hs]
+            out_k, x_k, noise_k = out.unbind(0), xs.unbind(0), noise.unbind(0)
+            w_in = self.x_in.weight.detach().T
+            w_hidden = [layer.weight.detach().T for layer in self.hidden_layers]
+            w_out = self.out.weight.detach().T
+            scale = lgv_scale.detach() if lgv_scale is not None else None
+            plain = not (cfg.langevin or cfg.learned_variance)
+            std = math.sqrt(cfg.sigma**2 * dt + dt * explore**2)  # fixed variance
+            for k in range(n_steps):
+                x = x_k[k]
+                h = torch.addmm(temb_d[k], x, w_in, out=h_k[0][k]).relu_()
+                for i, (w, b) in enumerate(zip(w_hidden, b_hidden, strict=True)):
+                    h = torch.addmm(b, h, w, out=h_k[i + 1][k]).relu_()
+                o = torch.addmm(b_out, h, w_out, out=out_k[k])
+                if plain:  # x_{k+1} = x_k + h·clip(drift) + std·ε
+                    torch.add(noise_k[k], o[:, :d].clamp(-clip, clip), alpha=dt, out=x_k[k + 1])
+                    x_k[k + 1].add_(x).add_(noise_k[k], alpha=std - 1)
+                    continue
+                score = None
+                if scores is not None:
+                    scores[k] = score = self.target_score(x)
+                drift, step_std, _ = self._drift_std(o, score, None if scale is None else scale[k])
+                if explore > 0 and isinstance(step_std, float):
+                    step_std = math.sqrt(step_std**2 + dt * explore**2)
+                elif explore > 0:
+                    step_std = (step_std.square() + dt * explore**2).sqrt()
+                mean = torch.add(x, drift, alpha=dt)
+                if isinstance(step_std, float):
+                    torch.add(mean, noise_k[k], alpha=step_std, out=x_k[k + 1])
+                else:
+                    torch.addcmul(mean, step_std, noise_k[k], out=x_k[k + 1])
+        record.x, record.hs, record.out = xs[:-1], hs, out
+        scale = lgv_scale[:, None] if lgv_scale is not None else None  # [T, 1, 1]
+        drift, std, flow = self._drift_std(self._replay(record, temb), scores, scale)
+        if isinstance(std, Tensor):
+            std = std.transpose(0, 1)
+        latents = xs.transpose(0, 1)  # [B, T+1, d]
+        mean = (xs[:-1] + dt * drift).transpose(0, 1)  # [B, T, d]
+        log_pf = _log_normal(latents[:, 1:], mean, std)  # [B, T]
+        extras: dict[str, Tensor] = {}
+        if scores is not None:
+            extras["scores"] = scores.transpose(0, 1)
+        if flow is not None:
+            extras["log_flow"] = flow.transpose(0, 1)  # [B, T]
         return self._trajectory(latents, log_pf, extras)
 
     def backward_rollout(self, x: Tensor, generator: torch.Generator | None = None) -> Trajectory:
         """Noise the samples ``x [B, d]`` back to ``x_0`` with the bridge (T2) and score the
         result under the forward policy (one batched pass; gradients are the caller's choice)."""
+        latents = self.bridge(x, generator)
+        log_pf, _ = self.evaluate(latents)
+        return self._trajectory(latents, log_pf, {})
+
+    def bridge(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """States ``[B, T+1, d]`` of backward trajectories from ``x [B, d]`` under the bridge
+        (T2), without scoring them (no graph)."""
         cfg = self.config
         if x.ndim != 2 or x.shape[1] != cfg.dim:
             raise ValueError(f"x must be [B, d]=[B, {cfg.dim}], got {tuple(x.shape)}")
+        x = x.detach()
         ratio = self.bridge_ratio.to(x.dtype)  # [T]
         step_std = (cfg.sigma**2 * self.dt * ratio).sqrt()  # [T]
         noise = torch.randn(
@@ -266,9 +412,7 @@ class DiffusionSampler(nn.Module):
         for k in reversed(range(cfg.steps)):
             x = ratio[k] * x + step_std[k] * noise[k]
             states.append(x)
-        latents = torch.stack(states[::-1], dim=1)  # [B, T+1, d]
-        log_pf, _ = self.evaluate(latents)
-        return self._trajectory(latents, log_pf, {})
+        return torch.stack(states[::-1], dim=1)  # [B, T+1, d]
 
     def _trajectory(self, latents: Tensor, log_pf: Tensor, extras: dict) -> Trajectory:
         return Trajectory(
@@ -279,6 +423,83 @@ class DiffusionSampler(nn.Module):
             log_p_init=self.log_p_init(latents[:, 0]),
             extras=extras,
         )
+
+
+@dataclass
+class _Record:
+    """Activations of one no-grad pass of the state MLP, time-major: inputs ``x [T, B, d]``,
+    post-ReLU hidden states ``[T, B, H]`` per layer, outputs ``[T, B, n_out]``."""
+
+    x: Tensor
+    hs: list[Tensor]
+    out: Tensor
+    owner: DiffusionSampler | None = None  # set when the buffers are a reused workspace
+    generation: int = 0
+
+    def check(self) -> None:
+        """Raise if a later rollout has overwritten this record's reused buffers."""
+        if self.owner is not None and self.owner._generation != self.generation:
+            raise RuntimeError(
+                "the activations recorded by this rollout were overwritten by a later "
+                "rollout of the same shape before backward(); call backward() on each "
+                "rollout's loss before the next rollout, or roll out under torch.no_grad()"
+            )
+
+
+def _relu_grad(grad: Tensor, activation: Tensor) -> Tensor:
+    """``grad · 1[activation > 0]`` (ATen's fused ReLU backward: one pass, no mask tensor)."""
+    return torch.ops.aten.threshold_backward(grad, activation, 0)
+
+
+class _ReplayedTrunk(torch.autograd.Function):
+    """The state MLP's outputs for all recorded states, differentiable in the weights.
+
+    The forward returns the recorded outputs (nothing is recomputed); the backward is one
+    batched pass over the ``N = T·B`` recorded activations: for each linear layer the weight
+    gradient ``gᵀ h`` and the input gradient ``g W`` are single ``N``-row matrix products. The
+    per-time embedding (which carries the input bias) gets ``Σ_b g``.
+    """
+
+    @staticmethod
+    def forward(ctx, record: _Record, temb: Tensor, *weights: Tensor) -> Tensor:  # noqa: D102
+        ctx.record = record
+        ctx.save_for_backward(*weights)
+        return record.out.detach().clone() if record.out.requires_grad else record.out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # noqa: D102
+        rec, weights = ctx.record, ctx.saved_tensors
+        rec.check()
+        n_steps, batch, n_out = rec.out.shape
+        grad_out = grad_out.contiguous()
+        w_in, w_out, hidden = weights[0], weights[-2], weights[1:-2:2]
+        grad_w = [torch.zeros_like(w) for w in (w_in, *hidden, w_out)]  # one per linear layer
+        grad_b = [w.new_zeros(w.shape[0]) for w in (*hidden, w_out)]  # hidden + output biases
+        grad_temb = w_in.new_empty(n_steps, w_in.shape[0])  # [T, H]
+        # Chunks of whole time steps keep every intermediate (~chunk × H floats) in cache: the
+        # unchunked pass is bound by memory traffic, not by its ~1 GFLOP of products.
+        chunk = max(1, _CHUNK_ROWS // batch)
+        for t0 in range(0, n_steps, chunk):
+            t1 = min(n_steps, t0 + chunk)
+            hs = [h[t0:t1].reshape(-1, h.shape[-1]) for h in rec.hs]
+            g = grad_out[t0:t1].reshape(-1, n_out)
+            grad_w[-1].addmm_(g.T, hs[-1])
+            grad_b[-1].add_(g.sum(0))
+            g = _relu_grad(g @ w_out, hs[-1])
+            for i in reversed(range(len(hs) - 1)):  # hidden layer i maps hs[i] -> hs[i + 1]
+                grad_w[i + 1].addmm_(g.T, hs[i])
+                grad_b[i].add_(g.sum(0))
+                g = _relu_grad(g @ hidden[i], hs[i])
+            x = rec.x[t0:t1].reshape(-1, rec.x.shape[-1])
+            grad_w[0].T.addmm_(x.T, g)  # [d, H] orientation: the fast one for d << H
+            torch.sum(g.view(t1 - t0, batch, -1), 1, out=grad_temb[t0:t1])
+        grads: list[Tensor] = [grad_w[0]]
+        for gw, gb in zip(grad_w[1:-1], grad_b[:-1], strict=True):
+            grads += [gw, gb]
+        return None, grad_temb, *grads, grad_w[-1], grad_b[-1]
+
+
+_CHUNK_ROWS = 2048  # rows per chunk of the replayed backward (a few hundred KiB per tensor)
 
 
 def _log_normal(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:

@@ -116,12 +116,17 @@ def objective_loss(
     scores: Tensor | None = None,
     prior: DiffusionSampler | None = None,
     subtb_lambda: float = 0.9,
+    scored: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
-    """Per-trajectory squared-residual loss ``[B]`` of stored trajectories ``latents
-    [B, T+1, d]`` re-scored under the current weights: TB (3.1), VarGrad (3.2), RTB (3.3),
-    DB (3.4), energy-difference DB (3.5, with ``x̂(x_k) = x_k`` and the reward tempered by
-    ``t_k``) or SubTB (3.6)."""
-    log_pf, flow = sampler.evaluate(latents, scores)  # [B, T], [B, T] | None
+    """Per-trajectory squared-residual loss ``[B]`` of trajectories ``latents [B, T+1, d]``:
+    TB (3.1), VarGrad (3.2), RTB (3.3), DB (3.4), energy-difference DB (3.5, with
+    ``x̂(x_k) = x_k`` and the reward tempered by ``t_k``) or SubTB (3.6).
+
+    The states are re-scored under the current weights unless ``scored = (log_pf, log_flow)``
+    already holds them (a rollout's own ``log_pf`` with its graph, ``[B, T]`` each)."""
+    if scored is None:
+        scored = sampler.evaluate(latents, scores)
+    log_pf, flow = scored  # [B, T], [B, T] | None
     log_pb = sampler.log_pb(latents)  # [B, T]
     log_p0 = sampler.log_p_init(latents[:, 0])  # [B]
     if objective == "tb":
@@ -217,24 +222,29 @@ def train(
             and len(buffer) >= cfg.batch
             and it % cfg.backward_every == cfg.backward_every - 1
         )
-        scores = None
-        with torch.no_grad():
-            if backward:
+        #    Forward rollouts keep log_pf's graph (their own pass, replayed in one batched
+        #    backward); backward trajectories are scored in one batched pass.
+        if backward:
+            with torch.no_grad():
                 x, log_r = buffer.sample(cfg.batch)
-                latents = sampler.backward_rollout(x).latents
+                latents = sampler.bridge(x)
                 if cfg.objective == "rtb":
                     log_r = _reward(target, x, cfg.objective)
-            else:
-                frac = progress_frac / max(1e-9, cfg.explore_until)
-                traj = sampler.rollout(cfg.batch, explore=cfg.explore * max(0.0, 1 - frac))
-                latents, scores = traj.latents, traj.extras.get("scores")
+            scored = sampler.evaluate(latents)
+        else:
+            frac = progress_frac / max(1e-9, cfg.explore_until)
+            traj = sampler.rollout(
+                cfg.batch, explore=cfg.explore * max(0.0, 1 - frac), detach_states=True
+            )
+            latents, scored = traj.latents, (traj.log_pf, traj.extras.get("log_flow"))
+            with torch.no_grad():
                 log_r = _reward(target, traj.x0, cfg.objective)
                 if buffer is not None:
                     rtb = cfg.objective == "rtb"
                     buffer.add(traj.x0, target.log_prob(traj.x0) if rtb else log_r)
-        # 2. re-score under the current weights and step.
+        # 2. the objective under the current weights, and one step.
         loss = objective_loss(
-            cfg.objective, sampler, latents, log_r, target, scores, prior, cfg.subtb_lambda
+            cfg.objective, sampler, latents, log_r, target, None, prior, cfg.subtb_lambda, scored
         ).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}: lower --lr")
