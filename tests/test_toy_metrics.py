@@ -79,3 +79,20 @@ def test_mala_samples_a_gaussian_and_buffer_prioritises_rank() -> None:
         buf.add(torch.zeros(1, 1), torch.tensor([float("nan")]))
     with pytest.raises(ValueError, match="uniform"):
         ReplayBuffer(1, kind="prioritised")
+
+
+def test_buffer_rank_probabilities_and_ring_overwrite() -> None:
+    """Rank sampling follows ``p_i ∝ 1 / (kN + rank_i)`` (checked against the formula on a
+    small buffer), and a full buffer overwrites its oldest entries first."""
+    buf = ReplayBuffer(1, capacity=10, kind="rank", k=0.5)
+    rewards = torch.tensor([3.0, -1.0, 7.0, 0.0, 5.0, 2.0, 9.0, -4.0, 1.0, 6.0])
+    buf.add(rewards[:, None], rewards)
+    ranks = torch.argsort(torch.argsort(rewards, descending=True))
+    expected = 1.0 / (0.5 * 10 + ranks.double())
+    expected /= expected.sum()
+    xs, _ = buf.sample(200_000, torch.Generator().manual_seed(1))
+    freq = torch.stack([(xs[:, 0] == r).double().mean() for r in rewards])
+    torch.testing.assert_close(freq, expected, atol=4e-3, rtol=0)
+    buf.add(torch.tensor([[100.0], [101.0], [102.0]]), torch.tensor([100.0, 101.0, 102.0]))
+    assert len(buf) == 10 and set(buf.x[:3, 0].tolist()) == {100.0, 101.0, 102.0}
+    assert buf.x[3:, 0].tolist() == rewards[3:].tolist()

@@ -19,24 +19,45 @@ BUFFER_KINDS = ("uniform", "rank")
 
 
 class ReplayBuffer:
-    """FIFO buffer of terminal samples ``x [N, d]`` and their log-rewards ``[N]``.
+    """Ring buffer of terminal samples ``x [N, d]`` and their log-rewards ``[N]`` (the oldest
+    entry is overwritten once ``capacity`` is reached; adding is O(batch), not O(N)).
 
     ``kind="rank"`` draws sample ``i`` with probability ``∝ 1 / (k N + rank_i)`` (rank 0 = the
-    highest reward; Tripp et al. 2020), ``kind="uniform"`` uniformly.
+    highest reward; Tripp et al. 2020), ``kind="uniform"`` uniformly. The ranks (a sort of the
+    whole buffer) are recomputed once ``rank_refresh × N`` entries have been added since the
+    last sort; in between, a slot keeps the rank of the entry it held at that sort.
     """
 
-    def __init__(self, dim: int, capacity: int = 50_000, kind: str = "rank", k: float = 0.01):
+    def __init__(
+        self,
+        dim: int,
+        capacity: int = 50_000,
+        kind: str = "rank",
+        k: float = 0.01,
+        rank_refresh: float = 0.05,
+    ):
         if kind not in BUFFER_KINDS:
             raise ValueError(f"buffer kind must be one of {BUFFER_KINDS}, got {kind!r}")
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
-        self.kind, self.capacity, self.k = kind, capacity, k
-        self.x = torch.empty(0, dim)
-        self.log_reward = torch.empty(0)
-        self._probs: Tensor | None = None
+        self.kind, self.capacity, self.k, self.rank_refresh = kind, capacity, k, rank_refresh
+        self._x = torch.empty(capacity, dim)
+        self._log_reward = torch.empty(capacity)
+        self._size, self._next, self._stale = 0, 0, 0
+        self._cdf: Tensor | None = None  # cumulative rank probabilities, by slot
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return self._size
+
+    @property
+    def x(self) -> Tensor:
+        """The stored samples ``[N, d]`` (slot order)."""
+        return self._x[: self._size]
+
+    @property
+    def log_reward(self) -> Tensor:
+        """The stored log-rewards ``[N]`` (slot order)."""
+        return self._log_reward[: self._size]
 
     def add(self, x: Tensor, log_reward: Tensor) -> None:
         """Append a batch (NaN / infinite rewards are refused, never stored)."""
@@ -47,10 +68,14 @@ class ReplayBuffer:
             )
         if not torch.isfinite(log_reward).all():
             raise ValueError("log_reward has non-finite entries; the buffer will not store them")
-        self.x = torch.cat([self.x, x.detach().cpu().float()])[-self.capacity :]
-        self.log_reward = torch.cat([self.log_reward, log_reward.detach().cpu().float()])
-        self.log_reward = self.log_reward[-self.capacity :]
-        self._probs = None
+        x, log_reward = x.detach().cpu().float()[-self.capacity :], log_reward[-self.capacity :]
+        n = x.shape[0]
+        slots = (self._next + torch.arange(n)) % self.capacity
+        self._x[slots] = x
+        self._log_reward[slots] = log_reward.detach().cpu().float()
+        self._next = (self._next + n) % self.capacity
+        self._size = min(self.capacity, self._size + n)
+        self._stale += n
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` stored samples (with replacement): ``(x [n, d], log_reward [n])``."""
@@ -59,12 +84,14 @@ class ReplayBuffer:
         if self.kind == "uniform":
             idx = torch.randint(0, len(self), (n,), generator=generator)
         else:
-            if self._probs is None:
+            if self._cdf is None or self._stale > self.rank_refresh * len(self):
                 order = torch.argsort(self.log_reward, descending=True)
                 ranks = torch.empty_like(order)
                 ranks[order] = torch.arange(len(self))
-                self._probs = 1.0 / (self.k * len(self) + ranks.float())
-            idx = torch.multinomial(self._probs, n, replacement=True, generator=generator)
+                self._cdf = torch.cumsum(1.0 / (self.k * len(self) + ranks.double()), 0)
+                self._stale = 0
+            u = torch.rand(n, generator=generator, dtype=torch.float64) * self._cdf[-1]
+            idx = torch.searchsorted(self._cdf, u).clamp_max(len(self._cdf) - 1)
         return self.x[idx], self.log_reward[idx]
 
 

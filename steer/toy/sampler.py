@@ -278,8 +278,10 @@ class DiffusionSampler(nn.Module):
         generator: torch.Generator | None = None,
         detach_states: bool = False,
     ) -> Trajectory:
-        """Sample ``batch`` forward trajectories (T1); ``explore > 0`` widens the sampling noise
-        to ``h (σ² g² + explore²)`` while ``log_pf`` stays that of the policy (off-policy).
+        """Sample ``batch`` forward trajectories (T1); ``explore > 0`` widens each step's
+        sampling variance from ``h σ² g²`` to ``h σ² g² + explore²`` (an exploration std per
+        step, not per unit time, as in Sendera et al.) while ``log_pf`` stays that of the
+        policy (off-policy).
 
         Gradients follow the states (reparametrised) unless ``detach_states`` (then ``log_pf``
         keeps the graph of each step's mean and std only, the TB gradient of off-policy
@@ -301,9 +303,9 @@ class DiffusionSampler(nn.Module):
             mean = torch.add(x, drift, alpha=self.dt)
             sample_std = std
             if explore > 0 and isinstance(std, float):
-                sample_std = math.sqrt(std**2 + self.dt * explore**2)
+                sample_std = math.sqrt(std**2 + explore**2)
             elif explore > 0:
-                sample_std = (std.square() + self.dt * explore**2).sqrt()
+                sample_std = (std.square() + explore**2).sqrt()
             if isinstance(sample_std, float):
                 x = torch.add(mean, noise[k], alpha=sample_std)
             else:
@@ -350,7 +352,7 @@ class DiffusionSampler(nn.Module):
             w_out = self.out.weight.detach().T
             scale = lgv_scale.detach() if lgv_scale is not None else None
             plain = not (cfg.langevin or cfg.learned_variance)
-            std = math.sqrt(cfg.sigma**2 * dt + dt * explore**2)  # fixed variance
+            std = math.sqrt(cfg.sigma**2 * dt + explore**2)  # fixed variance
             for k in range(n_steps):
                 x = x_k[k]
                 h = torch.addmm(temb_d[k], x, w_in, out=h_k[0][k]).relu_()
@@ -366,9 +368,9 @@ class DiffusionSampler(nn.Module):
                     scores[k] = score = self.target_score(x)
                 drift, step_std, _ = self._drift_std(o, score, None if scale is None else scale[k])
                 if explore > 0 and isinstance(step_std, float):
-                    step_std = math.sqrt(step_std**2 + dt * explore**2)
+                    step_std = math.sqrt(step_std**2 + explore**2)
                 elif explore > 0:
-                    step_std = (step_std.square() + dt * explore**2).sqrt()
+                    step_std = (step_std.square() + explore**2).sqrt()
                 mean = torch.add(x, drift, alpha=dt)
                 if isinstance(step_std, float):
                     torch.add(mean, noise_k[k], alpha=step_std, out=x_k[k + 1])
