@@ -1,4 +1,4 @@
-"""Where the time of one plain TB iteration of the toy sampler goes (gmm25 sizes).
+"""Where the time of one plain TB iteration of the toy sampler goes (gmm25 sizes, no Langevin).
 
 Run from the repository root: ``python -m benchmarks.toy_iteration [--iterations N]``. One TB
 iteration at batch 300, T = 100, d = 2 with the default network (hidden 64, two hidden
@@ -32,7 +32,7 @@ BATCH = 300
 
 def _sampler() -> tuple[DiffusionSampler, object]:
     target = get_target("gmm25")
-    sampler = DiffusionSampler(TrainConfig().sampler_config(target))
+    sampler = DiffusionSampler(TrainConfig(langevin=False).sampler_config(target))
     for p in sampler.out.parameters():  # a trained-like head (zero at initialisation)
         torch.nn.init.normal_(p, std=0.1)
     return sampler, target

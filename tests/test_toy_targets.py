@@ -11,7 +11,15 @@ from torch import distributions as D
 
 from steer.toy.posterior import Posterior9
 from steer.toy.registry import get_target
-from steer.toy.targets import Funnel, ManyWell, UserTarget, gmm25, gmm40, manywell_log_z
+from steer.toy.targets import (
+    Funnel,
+    ManyWell,
+    Target,
+    UserTarget,
+    gmm25,
+    gmm40,
+    manywell_log_z,
+)
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -108,3 +116,10 @@ def test_unknown_target_lists_valid_names() -> None:
         get_target("gmm26")
     with pytest.raises(ValueError, match="dim"):
         get_target("math:cos")
+
+
+@pytest.mark.parametrize("make", [gmm25, lambda: gmm40(dim=5), Funnel, ManyWell])
+def test_closed_form_score_equals_autograd(make) -> None:
+    target = make()
+    x = 2 * torch.randn(64, target.dim, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(target.score(x), Target.score(target, x), rtol=1e-4, atol=1e-4)

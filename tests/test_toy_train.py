@@ -26,6 +26,7 @@ TINY = dict(
     local_search=False,
     buffer="none",
     explore=0.0,
+    langevin=False,
 )
 
 

@@ -91,6 +91,13 @@ class GaussianMixture(Target):
     def log_prob(self, x: Tensor) -> Tensor:
         return torch.logsumexp(self.component_log_prob(x), dim=-1)
 
+    def score(self, x: Tensor) -> Tensor:
+        """``∇ log p(x) = (Σ_m r_m(x) μ_m - x) / s²`` with responsibilities ``r = softmax`` of
+        the component log-densities (closed form: no autograd pass in Langevin rollouts)."""
+        x = x.detach()
+        resp = torch.softmax(self.component_log_prob(x), dim=-1)  # [B, M]
+        return (resp @ self.means.to(x) - x) / self.std**2
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         return self.means[idx] + self.std * torch.randn(n, self.dim, generator=generator)
@@ -134,6 +141,15 @@ class Funnel(Target):
         lp0 = -0.5 * (x0 / 3.0).square() - math.log(3.0) - 0.5 * LOG_2PI
         lpr = -0.5 * rest.square().sum(-1) * torch.exp(-x0) - 0.5 * (self.dim - 1) * (x0 + LOG_2PI)
         return lp0 + lpr
+
+    def score(self, x: Tensor) -> Tensor:
+        """Closed form: ``∂/∂x₀ = -x₀/9 - (d-1)/2 + ½ e^{-x₀} Σ xᵢ²``, ``∂/∂xᵢ = -xᵢ e^{-x₀}``."""
+        self.check_input(x)
+        x = x.detach()
+        x0, rest = x[:, :1], x[:, 1:]
+        inv_var = torch.exp(-x0)  # [B, 1]
+        g0 = -x0 / 9.0 - 0.5 * (self.dim - 1) + 0.5 * rest.square().sum(-1, keepdim=True) * inv_var
+        return torch.cat([g0, -rest * inv_var], dim=1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         x0 = 3.0 * torch.randn(n, 1, generator=generator)
@@ -182,6 +198,15 @@ class ManyWell(Target):
         self.check_input(x)
         x1, x2 = x[:, 0::2], x[:, 1::2]  # [B, 16]
         return (-(x1**4) + 6 * x1**2 + 0.5 * x1 - 0.5 * x2**2).sum(-1)
+
+    def score(self, x: Tensor) -> Tensor:
+        """Closed form: ``(-4x₁³ + 12x₁ + 0.5, -x₂)`` per pair."""
+        self.check_input(x)
+        x = x.detach()
+        out = -x.clone()  # the x₂ coordinates
+        x1 = x[:, 0::2]
+        out[:, 0::2] = -4 * x1**3 + 12 * x1 + 0.5
+        return out
 
     def _sample_well(self, n: int, generator: torch.Generator | None) -> Tensor:
         out: list[np.ndarray] = []
