@@ -12,9 +12,10 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,37 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("STEER_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "steer"
+
+
+def cached_folder(
+    folder: Path,
+    what: str,
+    check: Callable[[Path], object],
+    build: Callable[[Path], None],
+    force: bool = False,
+) -> Path:
+    """``folder`` if ``check(folder)`` reads it back; otherwise (or when ``force``) ``build``
+    writes a fresh one into a private temporary folder that then replaces it, so a crash never
+    leaves a half-written cache. An unreadable folder is rebuilt with a
+    :class:`CorruptCacheWarning` naming ``what`` and the error."""
+    if not force and folder.exists():
+        try:
+            check(folder)
+            return folder
+        except Exception as err:  # any unreadable file: say so, then retrain
+            warnings.warn(
+                f"cached {what} at {folder} is corrupted ({type(err).__name__}: {err}); "
+                "retraining it",
+                CorruptCacheWarning,
+                stacklevel=3,
+            )
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
 
 
 def config_folder(root: Path, name: str, config: object, default: object) -> Path:
@@ -208,18 +240,13 @@ def train_classifier(config: ClassifierConfig, progress: bool = True) -> tuple[D
 
 
 def _save_classifier(model: DigitsCNN, metrics: dict, folder: Path) -> None:
-    """Write weights then metrics (the metrics file last: it marks a complete folder)."""
+    """Write weights then metrics into a fresh folder (:func:`cached_folder` moves it in place)."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / METRICS_FILE).unlink(missing_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)  # atomic: a concurrent reader sees old or new
-    tmp = folder / f".{METRICS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, folder / METRICS_FILE)
+    save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def load_classifier(weights: str | os.PathLike[str]) -> tuple[DigitsCNN, dict]:
@@ -253,22 +280,17 @@ def load_or_train_digits_classifier(
     cannot be read back: it is then retrained with a :class:`CorruptCacheWarning`)."""
     config = config or ClassifierConfig()
     folder = config_folder(cache_root(cache_dir), "digits_classifier", config, ClassifierConfig())
-    if not force and folder.exists():
-        try:
-            json.loads((folder / METRICS_FILE).read_text())["test_accuracy"]
-            load_classifier(folder)
-            return folder
-        except Exception as err:  # any unreadable file: say so, then retrain
-            warnings.warn(
-                f"cached digits classifier at {folder} is corrupted ({type(err).__name__}: {err});"
-                " retraining it",
-                CorruptCacheWarning,
-                stacklevel=2,
-            )
-    model, metrics = train_classifier(config, progress=progress)
-    _save_classifier(model, metrics, folder)
-    print(f"digits classifier: held-out accuracy {metrics['test_accuracy']:.2%} -> {folder}")
-    return folder
+
+    def check(path: Path) -> None:
+        json.loads((path / METRICS_FILE).read_text())["test_accuracy"]
+        load_classifier(path)
+
+    def build(path: Path) -> None:
+        model, metrics = train_classifier(config, progress=progress)
+        _save_classifier(model, metrics, path)
+        print(f"digits classifier: held-out accuracy {metrics['test_accuracy']:.2%} -> {folder}")
+
+    return cached_folder(folder, "digits classifier", check, build, force)
 
 
 # ----------------------------------------------------------------------------- reward

@@ -466,7 +466,7 @@ class _ReplayedTrunk(torch.autograd.Function):
     def forward(ctx, record: _Record, temb: Tensor, *weights: Tensor) -> Tensor:  # noqa: D102
         ctx.record = record
         ctx.save_for_backward(*weights)
-        return record.out.detach().clone() if record.out.requires_grad else record.out
+        return record.out  # computed without autograd: nothing to detach
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # noqa: D102

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,8 +18,8 @@ from pathlib import Path
 import torch
 
 from steer.rewards.digits import (
-    CorruptCacheWarning,
     cache_root,
+    cached_folder,
     config_folder,
     digits_classifier,
     load_digits_dataset,
@@ -138,26 +136,12 @@ def load_or_train_digits_prior(
     """
     config = config or DigitsPriorConfig()
     folder = prior_folder(cache_dir, config)
-    if not force and folder.exists():
-        try:
-            _check_prior(folder)
-            return folder
-        except Exception as err:  # any unreadable file: say so, then retrain
-            warnings.warn(
-                f"cached digits prior at {folder} is corrupted ({type(err).__name__}: {err}); "
-                "retraining it",
-                CorruptCacheWarning,
-                stacklevel=2,
-            )
-    # train into a private folder, then move it in place (no half-written cache on a crash)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    train_digits_prior(config, tmp, progress=progress)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    print(f"digits prior: saved to {folder}")
-    return folder
+
+    def build(path: Path) -> None:
+        train_digits_prior(config, path, progress=progress)
+        print(f"digits prior: saved to {folder}")
+
+    return cached_folder(folder, "digits prior", _check_prior, build, force)
 
 
 def evaluate_prior_classes(
