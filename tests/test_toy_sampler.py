@@ -28,7 +28,13 @@ def _sampler(**kw) -> DiffusionSampler:
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, {"learned_variance": True}, {"langevin": True}, {"init_std": 0.7, "activation": "relu"}],
+    [
+        {},
+        {"learned_variance": True},
+        {"langevin": True},
+        {"langevin": True, "langevin_per_dim": True},
+        {"init_std": 0.7, "activation": "relu"},
+    ],
 )
 def test_rollout_log_pf_equals_batched_rescoring(kw) -> None:
     s = _sampler(**kw)
@@ -117,6 +123,7 @@ def test_bad_sampler_options_raise() -> None:
         {"layers": 2},
         {"layers": 0, "learned_variance": True, "flow": True},
         {"layers": 1, "langevin": True, "init_std": 0.5},
+        {"langevin": True, "langevin_per_dim": True, "learned_variance": True},
     ],
 )
 def test_recorded_rollout_gradient_equals_autograd_of_a_fresh_forward(kw, monkeypatch) -> None:

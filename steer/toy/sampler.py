@@ -58,6 +58,7 @@ class SamplerConfig:
     layers: int = 2  # hidden layers of the state MLP after the input layer
     harmonics: int = 16  # Fourier time features: sin/cos(2π j t), j = 1..harmonics
     langevin: bool = False  # add s_θ(t) · clip(∇ log R(x)) to the drift
+    langevin_per_dim: bool = False  # s_θ(t) ∈ R^d (one scale per coordinate), else scalar
     score_clip: float = 100.0
     learned_variance: bool = False
     log_var_range: float = 2.0  # g_θ² ∈ [e^-r, e^r]
@@ -78,6 +79,8 @@ class SamplerConfig:
             raise ValueError(
                 f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}"
             )
+        if not self.log_var_range > 0:
+            raise ValueError(f"log_var_range must be > 0, got {self.log_var_range}")
         if not self.init_std >= 0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
 
@@ -105,7 +108,8 @@ class DiffusionSampler(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(2 * config.harmonics, hdim), nn.GELU(), nn.Linear(hdim, hdim)
         )
-        self.lgv_head = nn.Linear(hdim, 1) if config.langevin else None
+        n_scale = d if config.langevin_per_dim else 1
+        self.lgv_head = nn.Linear(hdim, n_scale) if config.langevin else None
         self.x_in = nn.Linear(d, hdim)
         self.hidden_layers = nn.ModuleList(nn.Linear(hdim, hdim) for _ in range(config.layers))
         self.n_out = d * (2 if config.learned_variance else 1) + (1 if config.flow else 0)
@@ -128,7 +132,8 @@ class DiffusionSampler(nn.Module):
         return 1.0 / self.config.steps
 
     def time_embedding(self) -> tuple[Tensor, Tensor | None]:
-        """Per-time embedding ``[T, H]`` (plus the input bias) and Langevin scale ``[T, 1]``."""
+        """Per-time embedding ``[T, H]`` (plus the input bias) and Langevin scale ``[T, 1]``
+        (``[T, d]`` per coordinate)."""
         angles = self.times[:-1, None] * self.freqs  # [T, J]
         emb = self.time_mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))  # [T, H]
         scale = self.lgv_head(emb) if self.lgv_head is not None else None
@@ -246,7 +251,7 @@ class DiffusionSampler(nn.Module):
                 f"got {tuple(latents.shape)}"
             )
         x, x_next = latents[:, :-1], latents[:, 1:]  # [B, T, d]
-        temb, lgv_scale = self.time_embedding()  # [T, H], [T, 1]
+        temb, lgv_scale = self.time_embedding()  # [T, H], [T, 1 or d]
         if cfg.langevin and scores is None:
             scores = self.target_score(x.reshape(-1, cfg.dim)).view_as(x)
         if self._fast() and not latents.requires_grad:
@@ -291,7 +296,7 @@ class DiffusionSampler(nn.Module):
         cfg, dev = self.config, self.times.device
         x = torch.randn(batch, cfg.dim, generator=generator, device=dev) * cfg.init_std
         noise = torch.randn(cfg.steps, batch, cfg.dim, generator=generator, device=dev)
-        temb, lgv_scale = self.time_embedding()  # [T, H], [T, 1]: once per t
+        temb, lgv_scale = self.time_embedding()  # [T, H], [T, 1 or d]: once per t
         if self._fast() and (detach_states or not torch.is_grad_enabled()):
             return self._rollout_recorded(x, noise, explore, temb, lgv_scale)
         states, means, stds, scores, flows = [x], [], [], [], []
@@ -377,7 +382,7 @@ class DiffusionSampler(nn.Module):
                 else:
                     torch.addcmul(mean, step_std, noise_k[k], out=x_k[k + 1])
         record.x, record.hs, record.out = xs[:-1], hs, out
-        scale = lgv_scale[:, None] if lgv_scale is not None else None  # [T, 1, 1]
+        scale = lgv_scale[:, None] if lgv_scale is not None else None  # [T, 1, 1 or d]
         drift, std, flow = self._drift_std(self._replay(record, temb), scores, scale)
         if isinstance(std, Tensor):
             std = std.transpose(0, 1)

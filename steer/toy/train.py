@@ -45,7 +45,9 @@ class TrainConfig:
     layers: int = 2
     activation: str = "relu"
     langevin: bool = True  # the target score in the drift (autograd where no closed form)
+    langevin_per_dim: bool = False  # one Langevin scale per coordinate
     learned_variance: bool = False
+    log_var_range: float = 2.0  # learned g² within [e^-r, e^r]
     batch: int = 300
     iterations: int = 50_000  # the time budget (max_time_s) usually ends training first
     lr: float = 5e-3
@@ -97,7 +99,9 @@ class TrainConfig:
             layers=self.layers,
             activation=self.activation,
             langevin=self.langevin,
+            langevin_per_dim=self.langevin_per_dim,
             learned_variance=self.learned_variance,
+            log_var_range=self.log_var_range,
             flow=self.objective in _NEEDS_FLOW,
         )
 
