@@ -293,9 +293,9 @@ class DiffusionSampler(nn.Module):
         training) or the caller disables them. ``extras["scores"]`` ``[B, T, d]`` if Langevin,
         ``extras["log_flow"]`` ``[B, T]`` with a flow head.
         """
-        cfg, dev = self.config, self.times.device
-        x = torch.randn(batch, cfg.dim, generator=generator, device=dev) * cfg.init_std
-        noise = torch.randn(cfg.steps, batch, cfg.dim, generator=generator, device=dev)
+        cfg, like = self.config, {"device": self.times.device, "dtype": self.times.dtype}
+        x = torch.randn(batch, cfg.dim, generator=generator, **like) * cfg.init_std
+        noise = torch.randn(cfg.steps, batch, cfg.dim, generator=generator, **like)
         temb, lgv_scale = self.time_embedding()  # [T, H], [T, 1 or d]: once per t
         if self._fast() and (detach_states or not torch.is_grad_enabled()):
             return self._rollout_recorded(x, noise, explore, temb, lgv_scale)
