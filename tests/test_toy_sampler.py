@@ -38,6 +38,8 @@ def _sampler(**kw) -> DiffusionSampler:
 )
 def test_rollout_log_pf_equals_batched_rescoring(kw) -> None:
     s = _sampler(**kw)
+    if kw.get("langevin_per_dim"):  # one learned scale per coordinate and time
+        assert s.time_embedding()[1].shape == (8, 2)
     traj = s.rollout(16, generator=GEN)
     log_pf, _ = s.evaluate(traj.latents, traj.extras.get("scores"))
     torch.testing.assert_close(traj.log_pf, log_pf, rtol=1e-5, atol=1e-4)
@@ -108,6 +110,8 @@ def test_bad_sampler_options_raise() -> None:
         SamplerConfig(dim=2, steps=0)
     with pytest.raises(ValueError, match="activation"):
         SamplerConfig(dim=2, activation="tanhh")
+    with pytest.raises(ValueError, match="log_var_range"):
+        SamplerConfig(dim=2, learned_variance=True, log_var_range=0.0)
     with pytest.raises(ValueError, match="score"):
         DiffusionSampler(SamplerConfig(dim=2, langevin=True))
     with pytest.raises(ValueError, match=r"\[B, T\+1, d\]"):
