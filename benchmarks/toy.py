@@ -29,7 +29,7 @@ PUBLISHED = {
 BEST: dict[str, list[str]] = {  # target -> `steer toy train` options beyond the defaults
     "gmm25": [],
     "funnel": ["--no-local-search", "--buffer", "none", "--explore", "0"],
-    "manywell": ["--explore", "0.05"],
+    "manywell": ["--objective", "vargrad", "--explore", "0", "--langevin-per-dim"],
 }
 
 
