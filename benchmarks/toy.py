@@ -12,6 +12,7 @@ targets can be run as separate processes (``--threads 1`` each) and tabulated to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from benchmarks._report import hardware, markdown_table, write_section
 from steer.toy import cli
+from steer.toy.train import TrainConfig
 
 # Sendera et al. 2024, best published Δlog Z / Δlog Z_RW (W2 for gmm25).
 PUBLISHED = {
@@ -40,17 +42,35 @@ def run(target: str, budget: float, runs: Path, seed: int = 0) -> None:
     cli.main(argv)
 
 
+def _flags(saved: dict) -> str:
+    """The ``steer toy train`` options of a saved run that differ from the defaults (read from
+    its config.json, so the table shows what the run used, not what ``BEST`` says now)."""
+    skip = {"target", "max_time_s", "seed"}  # in the row's own columns / the protocol
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        value = saved.get(f.name, f.default)
+        if f.name in skip or value == f.default:
+            continue
+        flag = f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            out.append(f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}")
+    return " ".join(out)
+
+
 def _row(target: str, runs: Path) -> list[object] | None:
     path = runs / target / "metrics.json"
     if not path.exists():
         return None
     m = json.loads(path.read_text())
     options = json.loads((runs / target / "config.json").read_text())["train"]
+    flags = _flags(options)
     pub = PUBLISHED.get(target, ("-", "-", "-"))
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
     return [
         target,
-        " ".join(BEST.get(target, [])) or "defaults",
+        flags or "defaults",
         fmt(m["delta_log_z"]),
         fmt(m["delta_log_z_rw"]),
         fmt(m["w2"]),

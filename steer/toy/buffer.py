@@ -68,11 +68,11 @@ class ReplayBuffer:
             )
         if not torch.isfinite(log_reward).all():
             raise ValueError("log_reward has non-finite entries; the buffer will not store them")
-        x, log_reward = x.detach().cpu().float()[-self.capacity :], log_reward[-self.capacity :]
+        x = x.detach().cpu().float()[-self.capacity :]
+        log_reward = log_reward.detach().cpu().float()[-self.capacity :]
         n = x.shape[0]
         slots = (self._next + torch.arange(n)) % self.capacity
-        self._x[slots] = x
-        self._log_reward[slots] = log_reward.detach().cpu().float()
+        self._x[slots], self._log_reward[slots] = x, log_reward
         self._next = (self._next + n) % self.capacity
         self._size = min(self.capacity, self._size + n)
         self._stale += n
