@@ -142,3 +142,32 @@ def test_conditional_guidance_and_bad_cond() -> None:
         rollout(policy, batch_size=3, cond=cond)
     with pytest.raises(ValueError, match="noise must have shape"):
         rollout(policy, cond=cond, noise=torch.zeros(2, 2, 4, 8, 8))
+
+
+def test_deterministic_map_takes_the_sigma_zero_steps() -> None:
+    """§2 convention (b): with trailing spacing and set_alpha_to_one the last step has σ = 0;
+    the fine-tuned policy's rollout ends with the frozen prior's map g(x_1), not its own."""
+    unet = tiny_ddpm_components(channels=1)["unet"]
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    sched = tiny_ddim_scheduler(set_alpha_to_one=True, timestep_spacing="trailing")
+    prior = DiffusionPolicy(frozen, sched, num_inference_steps=4, eta=1.0)
+    policy = DiffusionPolicy(unet, sched, num_inference_steps=4, eta=1.0)
+    assert policy.schedule.deterministic.tolist() == [False, False, False, True]
+    with torch.no_grad():  # the fine-tuned weights differ from the prior's
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    gen = torch.Generator().manual_seed(0)
+    own = rollout(policy, batch_size=2, generator=gen)
+    policy.deterministic_map = prior
+    gen = torch.Generator().manual_seed(0)
+    mapped = rollout(policy, batch_size=2, generator=gen)
+    torch.testing.assert_close(mapped.latents[:, :-1], own.latents[:, :-1])  # same noise stream
+    x1 = mapped.latents[:, -2]
+    with torch.no_grad():
+        expected = prior.step(x1, 3).sample
+        drifted = policy.step(x1, 2).sample  # a stochastic step still uses the policy's weights
+    torch.testing.assert_close(mapped.x0, expected)
+    assert not torch.allclose(own.x0, expected)
+    assert mapped.log_pf[:, -1].eq(0).all() and drifted.shape == x1.shape
+    with pytest.raises(ValueError, match="must be frozen"):
+        policy.deterministic_map = DiffusionPolicy(unet, sched, num_inference_steps=4)

@@ -187,3 +187,36 @@ def test_reparametrised_gradient_is_the_derivative_of_the_loss_with_the_noise_fi
     finite_difference = (up - down) / (2 * eps)
     torch.testing.assert_close(directional[False], finite_difference, rtol=1e-5, atol=1e-6)
     assert not torch.isclose(directional[True], finite_difference, rtol=1e-2)
+
+
+def test_cli_posterior9_rtb_with_the_default_langevin_option(tmp_path) -> None:
+    """The documented ``steer toy train --target posterior9 --objective rtb`` (Langevin on by
+    default): the prior, a denoising model of gmm25 samples, is trained without a score, and
+    the RTB sampler is a copy of it (same SDE and network), so that it starts as the prior."""
+    out = tmp_path / "rtb"
+    args = ["train", "--target", "posterior9", "--objective", "rtb", "--out", str(out)]
+    tiny = {
+        "--no-progress": None,
+        "--prior-iterations": "3",
+        "--steps": "5",
+        "--batch": "16",
+        "--hidden": "16",
+        "--layers": "1",
+        "--iterations": "4",
+        "--eval-every": "2",
+        "--eval-samples": "64",
+        "--ls-every": "2",
+        "--ls-steps": "2",
+        "--ls-batch": "16",
+        "--max-time-s": "30",
+    }
+    for flag, value in tiny.items():
+        args += [flag] if value is None else [flag, value]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(metrics["elbo"]) and metrics["iterations"] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["langevin"] is True  # the option as given ...
+    assert config["sampler"] == config["prior_sampler"]  # ... the sampler is the prior's
+    assert config["sampler"]["langevin"] is False and config["sampler"]["steps"] == 5
+    assert main(["eval", str(out), "--samples", "64"]) == 0  # and the run reloads

@@ -13,6 +13,7 @@ from steer.diffusion.lora import (
     save_unet_lora,
 )
 from steer.diffusion.policy import DiffusionPolicy, StepOutput, require_frozen
+from steer.diffusion.posterior import exact_posterior
 from steer.diffusion.rollout import StepCallback, rollout
 from steer.diffusion.schedule import (
     SUPPORTED_PREDICTION_TYPES,
@@ -27,6 +28,7 @@ from steer.diffusion.schedule import (
 __all__ = [
     "ATTENTION_PROJECTIONS",
     "DiffusionPolicy",
+    "exact_posterior",
     "StepCallback",
     "StepOutput",
     "StepSchedule",

@@ -81,6 +81,40 @@ class DiffusionPolicy(nn.Module):
         self.use_adapters = use_adapters
         self.conditional = isinstance(inner, UNet2DConditionModel)
         self.schedule = make_schedule(scheduler, num_inference_steps, eta)
+        object.__setattr__(self, "_deterministic_map", None)  # not a submodule: no shared params
+
+    # ------------------------------------------------------------------------------------------
+    # the deterministic-step convention (§2)
+    # ------------------------------------------------------------------------------------------
+    @property
+    def deterministic_map(self) -> DiffusionPolicy | None:
+        """The frozen policy whose map ``x_0 = g(x_1)`` replaces this one's at steps with
+        ``σ = 0``; ``None`` uses this policy's own weights there.
+
+        A deterministic step has no density, so no objective trains it (§2, convention (b): the
+        state before it is terminal and its reward is ``R(g(x_1))``). Its map must then stay the
+        pretrained one, or the target moves with weights no objective sees: the fine-tuner sets
+        it to the frozen prior.
+        """
+        return self._deterministic_map
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "deterministic_map":  # nn.Module would register a module value as a child
+            type(self).deterministic_map.fset(self, value)
+            return
+        super().__setattr__(name, value)
+
+    @deterministic_map.setter
+    def deterministic_map(self, policy: DiffusionPolicy | None) -> None:
+        if policy is not None:
+            if not isinstance(policy, DiffusionPolicy):
+                raise TypeError(
+                    f"deterministic_map must be a DiffusionPolicy, got {type(policy).__name__}"
+                )
+            require_frozen(policy)
+            if policy.deterministic_map is not None:
+                raise ValueError("the deterministic map must not have a map of its own")
+        object.__setattr__(self, "_deterministic_map", policy)
 
     # ------------------------------------------------------------------------------------------
     # schedule and shapes
@@ -254,6 +288,9 @@ class DiffusionPolicy(nn.Module):
         gradient is the score of the realised transition; ``sample`` keeps the reparameterised path.
         """
         idx = self._index(k, x_t.shape[0], x_t.device)
+        frozen = self._deterministic_map
+        if frozen is not None and bool(self.schedule.deterministic.to(idx.device)[idx].any()):
+            return self._step_with_map(frozen, x_t, idx, cond, noise, generator)
         mean, sigma, x0 = self._mean(x_t, idx, cond)
         if noise is None and bool(self.schedule.noise_steps.to(idx.device)[idx].any()):
             gen_device = generator.device if generator is not None else mean.device
@@ -265,6 +302,24 @@ class DiffusionPolicy(nn.Module):
         sample = mean if noise is None else mean + sigma * noise.to(mean)
         log_prob, det = self._log_normal(sample.detach(), mean, sigma)
         return StepOutput(sample, log_prob, mean, sigma.flatten(), x0, det)
+
+    def _step_with_map(
+        self,
+        frozen: DiffusionPolicy,
+        x_t: Tensor,
+        idx: Tensor,
+        cond: Tensor | None,
+        noise: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> StepOutput:
+        """A deterministic step taken by the frozen map, under this policy's schedule."""
+        if not bool(self.schedule.deterministic.to(idx.device)[idx].all()):
+            raise ValueError(
+                "a batch of step indices mixes deterministic and stochastic steps while a "
+                "deterministic_map is set; step them in separate calls"
+            )
+        frozen.schedule = self.schedule
+        return frozen.step(x_t, idx, cond, noise=noise, generator=generator)
 
     def log_prob(
         self, x_t: Tensor, x_next: Tensor, k: int | Tensor, cond: Tensor | None = None

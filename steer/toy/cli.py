@@ -92,10 +92,14 @@ def _run_train(args: argparse.Namespace) -> int:
         cfg.target,
         dim=args.dim,
         prior_iterations=cfg.prior_iterations,
-        prior_config=cfg.sampler_config(TARGETS["gmm25"]()) if cfg.target == "posterior9" else None,
+        prior_config=cfg.prior_config() if cfg.target == "posterior9" else None,
     )
-    scfg = cfg.sampler_config(target)
+    prior = getattr(target, "prior", None)
+    rtb = cfg.objective == "rtb" and prior is not None
+    scfg = prior.config if rtb else cfg.sampler_config(target)  # RTB fine-tunes the prior
     n_params = sum(p.numel() for p in DiffusionSampler(scfg, score=target.score).parameters())
+    if rtb:
+        print("rtb: the sampler is a copy of the prior (its SDE and network, no Langevin drift)")
     print(
         f"target {target.name} (d={target.dim}, log Z={target.log_z}), objective "
         f"{cfg.objective}, T={cfg.steps}, sigma={scfg.sigma:.4g}, batch {cfg.batch}, "

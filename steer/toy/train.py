@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from steer import objectives as obj
 from steer.toy.buffer import BUFFER_KINDS, ReplayBuffer, mala
 from steer.toy.metrics import evaluate_sampler
 from steer.toy.sampler import DiffusionSampler, SamplerConfig
-from steer.toy.targets import Target
+from steer.toy.targets import Target, gmm25
 
 __all__ = ["OBJECTIVES", "TrainConfig", "TrainResult", "objective_loss", "train"]
 
@@ -103,6 +103,18 @@ class TrainConfig:
             learned_variance=self.learned_variance,
             log_var_range=self.log_var_range,
             flow=self.objective in _NEEDS_FLOW,
+        )
+
+    def prior_config(self) -> SamplerConfig:
+        """The ``posterior9`` prior's :class:`SamplerConfig`: this config's SDE and network on
+        gmm25, without the Langevin drift or a flow head.
+
+        The prior is a diffusion model fitted to gmm25 samples by denoising: it is known through
+        its samples, with no density and so no score of its own for a Langevin drift (the gmm25
+        score would hand it the density it is meant to learn from data). The RTB sampler is a
+        copy of it (:func:`train`), so it has no Langevin drift either."""
+        return replace(
+            self.sampler_config(gmm25()), langevin=False, langevin_per_dim=False, flow=False
         )
 
 
@@ -208,11 +220,15 @@ def train(
             f"objective 'rtb' needs a prior and a likelihood; target "
             f"{target.name!r} has none (use target posterior9)"
         )
-    if sampler is None:
+    if sampler is None and cfg.objective == "rtb":
+        # RTB (3.3) fine-tunes the prior: the same SDE, network and drift, from its weights.
+        # The posterior's score ∇log p_prior + ∇log r needs the prior's marginal density,
+        # which a denoising model does not have, so cfg's Langevin options do not apply.
+        sampler = DiffusionSampler(replace(prior.config), score=prior.score)
+        sampler.load_state_dict(prior.state_dict())
+    elif sampler is None:
         score = target.score if cfg.langevin else None
         sampler = DiffusionSampler(cfg.sampler_config(target), score=score)
-        if cfg.objective == "rtb" and prior is not None:
-            sampler.load_state_dict(prior.state_dict())  # RTB starts from the prior
     opt = _optimizer(sampler, cfg)
     buffer = None if cfg.buffer == "none" else ReplayBuffer(target.dim, cfg.buffer_size, cfg.buffer)
     result, eta, start = TrainResult(sampler), 0.01, time.perf_counter()
