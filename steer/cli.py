@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "rewards": ("steer.rewards.cli", "list the reward registry"),
     "finetune": ("steer.train.cli", "fine-tune a diffusion model (default: the digits job)"),
     "pretrain-digits": ("steer.train.digits", "train the embedded digits prior and classifier"),
+    "posterior": (
+        "steer.train.reference",
+        "exact samples of a config's posterior by rejection from its prior; log Z",
+    ),
 }
 
 

@@ -4,6 +4,7 @@ precision, two processes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,7 +87,8 @@ def test_every_objective_runs_and_writes_outputs(tmp_path: Path, objective: str)
 @pytest.mark.parametrize("objective", ["tb", "rtb"])
 def test_tb_and_rtb_lower_the_residual(tmp_path: Path, objective: str) -> None:
     """Full fine-tuning of the tiny prior toward ``∝ prior · exp(-10 · brightness)`` (rtb) or
-    ``∝ exp(-10 · brightness)`` (tb): the mean |residual| falls well below where it started."""
+    ``∝ exp(-10 · brightness)`` (tb): the mean |residual| falls well below where it started.
+    The schedule's last step is deterministic (trailing, ᾱ = 1): it enters neither objective."""
     cfg = _cfg(
         tmp_path,
         "model.pretrained=tiny-unconditional",
@@ -99,7 +101,8 @@ def test_tb_and_rtb_lower_the_residual(tmp_path: Path, objective: str) -> None:
         "train.steps=30",
         "train.batch_size=8",
         "train.lr=1e-4",
-        "objective.log_z_lr=0.3",
+        # tb's log Z starts ~80 nats away (Σ log P_F - Σ log P_B over 8×8 pixels): a fast lr
+        f"objective.log_z_lr={3.0 if objective == 'tb' else 0.3}",
     )
     out = main(cfg)
     history = torch.load(out / "checkpoint-30" / "custom_checkpoint_0.pkl", weights_only=True)[
@@ -256,3 +259,131 @@ def test_nonfinite_samples_stop_after_a_checkpoint(tmp_path: Path, monkeypatch) 
     with pytest.raises(RuntimeError, match=r"stopped at step 0: .*sample \(policy output\)"):
         main(_cfg(tmp_path, "objective.name=tb", "log.run_name=nan"))
     assert (tmp_path / "nan" / "checkpoint-0").is_dir()
+
+
+_UNCOND = ("model.pretrained=tiny-unconditional", "prompts.builtin=null",
+           "reward.name=test-darkness", "train.batch_size=4")  # fmt: skip
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True)["weights"]
+
+
+def test_dpok_skips_the_deterministic_last_step(tmp_path: Path) -> None:
+    """Trailing spacing with set_alpha_to_one: the last DDIM step has σ = 0 (no density). dpok
+    trains the stochastic steps only, with finite gradients (it was 0/0 = NaN there)."""
+    from steer.train.loop import collect, trained_steps
+
+    run = setup(_cfg(tmp_path, *_UNCOND, "objective.name=dpok", "model.timestep_spacing=trailing"))
+    assert run.parts.policy.schedule.deterministic.tolist() == [False, True]
+    _, batch = collect(run)
+    assert trained_steps(run, batch.traj) == [0]
+    metrics = train_on_batch(run, batch)
+    grads = [p.grad for p in run.params if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads) and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def _inject_nan(monkeypatch, kind: str) -> None:
+    """Re-scored log-probs (with grad) become NaN, or stay finite with a NaN gradient."""
+    from steer.diffusion.policy import DiffusionPolicy
+
+    original = DiffusionPolicy.log_prob
+
+    def log_prob(self, *args, **kwargs):
+        value = original(self, *args, **kwargs)
+        if not torch.is_grad_enabled():
+            return value
+        if kind == "value":
+            return value * float("nan")
+        nan_grad = torch.sqrt(value - value.detach() - 1)  # NaN, and so is its gradient
+        return torch.where(torch.ones_like(value, dtype=torch.bool), value, nan_grad)
+
+    monkeypatch.setattr(DiffusionPolicy, "log_prob", log_prob)
+
+
+def test_nonfinite_step_loss_stops_before_the_update(tmp_path: Path, monkeypatch) -> None:
+    """A NaN step loss raises after a checkpoint of the last good (here: initial) weights."""
+    _inject_nan(monkeypatch, "value")
+    with pytest.raises(RuntimeError, match=r"stopped at step 0: .*step loss \(step \d\)"):
+        main(_cfg(tmp_path, "objective.name=tb", "log.run_name=nan"))
+    assert not (tmp_path / "nan" / "checkpoint-1").exists()
+    weights = _weights(tmp_path / "nan" / "checkpoint-0")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and all((w == 0).all() for w in lora_b)  # never stepped
+
+
+def test_nonfinite_gradient_is_skipped_not_stepped(tmp_path: Path, monkeypatch) -> None:
+    """Finite losses with a NaN gradient: the step is skipped (on_nonfinite=skip), the saved
+    weights stay finite and unchanged."""
+    _inject_nan(monkeypatch, "grad")
+    out = main(_cfg(tmp_path, "objective.name=tb", "train.on_nonfinite=skip"))
+    history = torch.load(out / "checkpoint-1" / "custom_checkpoint_0.pkl", weights_only=True)[
+        "history"
+    ]
+    assert history[-1]["skipped"] == 1 and torch.isfinite(torch.tensor(history[-1]["loss"]))
+    weights = _weights(out / "checkpoint-1")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert all((w == 0).all() for k, w in weights.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize(("epochs", "minibatches"), [(2, 1), (1, 2)])
+def test_ddpo_reuses_each_rollout_and_the_clip_binds(
+    tmp_path: Path, epochs: int, minibatches: int
+) -> None:
+    """A rollout batch serves epochs × minibatches optimiser steps, the ratio against the stored
+    log-probs: nothing clipped on the first (on-policy) update, some on the second."""
+    from steer.train.loop import collect
+    from steer.train.ppo import ppo_updates
+
+    cfg = _cfg(tmp_path, *_UNCOND, "objective.name=ddpo", f"objective.ppo_epochs={epochs}",
+               f"objective.ppo_minibatches={minibatches}")  # fmt: skip
+    run = setup(cfg)
+    _, batch = collect(run)
+    updates = ppo_updates(run, [batch])
+    assert len(updates) == 2
+    assert updates[0]["clip_fraction"] == 0.0 and updates[1]["clip_fraction"] > 0
+    lora = next(p for p in run.params if p.ndim == 2)
+    assert int(run.optimizer.optimizer.state[lora]["step"]) == 2
+
+
+def test_ddpo_default_is_two_updates_per_round(tmp_path: Path) -> None:
+    """train.steps counts rounds of rollouts; each ddpo round makes two optimiser updates."""
+    cfg = _cfg(tmp_path, *_UNCOND, "objective.name=ddpo", "train.steps=2")
+    assert (cfg.objective.ppo_epochs, cfg.objective.minibatches) == (1, 2)
+    out = main(cfg)
+    state = torch.load(out / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert state["step"] == 2 and len(state["history"]) == 2
+    assert all("clip_fraction" in h and math.isfinite(h["grad_norm"]) for h in state["history"])
+    optim = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)
+    assert {int(s["step"]) for s in optim["state"].values()} == {4}
+
+
+def test_bf16_rollout_matches_rescoring_precision(tmp_path: Path) -> None:
+    """Rollouts sample under the same autocast as the re-scoring: the on-policy ddpo ratio is
+    1 under bf16 too (a float32 rollout against bf16 re-scoring is off by far more)."""
+    from steer.train.loop import collect
+
+    cfg = _cfg(tmp_path, *_UNCOND, "objective.name=ddpo", "train.mixed_precision=bf16",
+               "objective.ppo_minibatches=1")  # fmt: skip
+    run = setup(cfg)
+    _, batch = collect(run)
+    assert train_on_batch(run, batch)["ratio_dev"] <= 1e-6
+    assert train_on_batch(run, sample(run))["ratio_dev"] > 1e-3  # float32 rollout: the old way
+
+
+def test_logged_reward_is_the_fresh_batch(tmp_path: Path, monkeypatch) -> None:
+    """With replay, the logged reward averages the fresh rollout, not the replayed rows."""
+    import steer.train.loop as loop
+
+    cfg = _cfg(tmp_path, "objective.name=tb", "train.replay_buffer=4",
+               "train.replay_per_batch=2")  # fmt: skip
+    run = setup(cfg)
+    fresh = []
+    original = loop.sample
+    monkeypatch.setattr(loop, "sample", lambda run: fresh.append(original(run)) or fresh[-1])
+    loop.train_round(run)
+    run.buffer.batch.raw_reward += 1000.0  # replayed rows would dominate the mean
+    rewards, _ = loop.train_round(run)
+    assert rewards == [pytest.approx(fresh[-1].raw_reward.float().mean().item())]

@@ -192,3 +192,85 @@ def test_cli_default_is_the_digits_preset() -> None:
     )
     with pytest.raises(FileNotFoundError, match="presets: .*digits_rtb"):
         resolve_config("no-such-preset")
+
+
+@pytest.mark.parametrize("name", ["tb", "vargrad", "rtb", "db", "subtb"])
+def test_a_deterministic_last_step_enters_no_objective(name: str) -> None:
+    """§2 convention (b): x_1 is terminal. The σ = 0 step's log P_B (≈ +365 nats on the digits
+    model, a function of ε̂ there) must not move the loss, the residual or the gradient; before the
+    fix tb / vargrad / db / subtb counted it and their optimum was not ∝ R."""
+    theta, batch, log_pf_of = _setup()
+    batch.traj.deterministic = torch.tensor([False] * (K - 1) + [True])
+    batch.traj.log_pf[:, -1] = 0.0  # no density at the deterministic step
+    batch.log_pf_prior[:, -1] = 0.0
+    batch.traj.latents = batch.traj.latents.double()
+    results = []
+    for shift in (0.0, 365.0):
+        batch.traj.log_pb[:, -1] = batch.traj.log_pb[:, -1] + shift
+        batch.log_reward_pred[:, -1] += shift  # x̂ at x_1 is not a state of the objective either
+        flow = FlowNetwork(1, width=8).double()
+        torch.manual_seed(0)
+        torch.nn.init.normal_(flow.head[-1].weight)
+        obj = TrainObjective(ObjectiveConfig(name=name), log_z=LogZTable(2, 0.3).double(),
+                             flow=flow)  # fmt: skip
+        loss, metrics = obj.prepare(batch)
+        total = loss + sum(obj.step_loss(batch, k, StepTerms(log_pf_of(k)), K) for k in range(K))
+        (grad,) = torch.autograd.grad(total, theta)
+        results.append((loss.detach(), metrics["residual_abs"], grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1] == pytest.approx(results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2])
+    assert results[0][2][-1] == 0  # the deterministic step gets no gradient
+
+
+def test_a_deterministic_step_before_a_stochastic_one_is_refused() -> None:
+    _, batch, _ = _setup()
+    batch.traj.deterministic = torch.tensor([False, True, False, False])
+    with pytest.raises(ValueError, match=r"steps \[1\] of 4 are deterministic"):
+        TrainObjective(ObjectiveConfig(name="tb"), log_z=LogZTable(2, 0.0).double()).prepare(batch)
+
+
+def test_baselines_normalise_by_the_stochastic_steps() -> None:
+    """With every stochastic step trained, on-policy: ddpo's loss is the mean over them of
+    -advantage (-1), dpok's the sum over them (-(K - 1); it counted the σ = 0 step, -K)."""
+    _, batch, _ = _setup()
+    batch.traj.deterministic = torch.tensor([False] * (K - 1) + [True])
+    batch.advantages = torch.ones(B, dtype=torch.float64)
+    mean = torch.zeros(B, 3, dtype=torch.float64)
+    std = torch.full((B,), 0.5, dtype=torch.float64)
+    for name, expected in (("ddpo", -1.0), ("dpok", -(K - 1.0))):
+        obj = TrainObjective(ObjectiveConfig(name=name, kl_weight=0.0))
+        losses = [
+            obj.step_loss(batch, k, StepTerms(batch.traj.log_pf[:, k], mean, std, mean), K - 1)
+            for k in range(K - 1)
+        ]
+        torch.testing.assert_close(sum(losses), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_ratio_is_against_the_stored_log_probs() -> None:
+    _, batch, _ = _setup()
+    new = batch.traj.log_pf[:, 1] + 0.32
+    full = TrainObjective(ObjectiveConfig(name="dpok")).ratio(batch, 1, new)
+    torch.testing.assert_close(full, torch.full((B,), 0.32, dtype=torch.float64).exp())
+    per_dim = TrainObjective(ObjectiveConfig(name="ddpo")).ratio(batch, 1, new)
+    torch.testing.assert_close(per_dim, torch.full((B,), 0.02, dtype=torch.float64).exp())
+
+
+def test_ppo_fields_defaults_and_validation() -> None:
+    ddpo, dpok = (load_config(None, [f"objective.name={n}"]).objective for n in ("ddpo", "dpok"))
+    assert (ddpo.ppo_epochs, ddpo.minibatches) == (1, 2)
+    assert (dpok.ppo_epochs, dpok.minibatches) == (1, 1)
+    assert load_config(None, ["objective.ppo_minibatches=4"]).objective.minibatches == 4
+    for field in ("ppo_epochs", "ppo_minibatches"):
+        with pytest.raises(ValueError, match=f"objective.{field} must be >= 1, got 0"):
+            load_config(None, [f"objective.{field}=0"])
+    with pytest.raises(ValueError, match="train.batch_size=3 must be divisible by .*=2"):
+        load_config(None, ["objective.name=ddpo", "train.batch_size=3"])
+
+
+def test_mixed_precision_no_from_the_command_line_and_yaml(tmp_path) -> None:
+    """YAML 1.1 reads `no` as False; train.mixed_precision=no still means no autocast."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"

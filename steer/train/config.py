@@ -75,7 +75,17 @@ class LoraConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective and its own parameters (defaults from the papers)."""
+    """The training objective and its own parameters (defaults from the papers).
+
+    ddpo / dpok reuse each rollout batch PPO-style: ``ppo_epochs`` passes over it, each split
+    into ``ppo_minibatches`` minibatches of ``train.batch_size / ppo_minibatches`` rows (times
+    ``train.grad_accum`` rollouts), one optimiser step per minibatch, the ratio taken against the
+    log-probs stored at rollout time. One ``train.steps`` step is one round of rollouts, so a run
+    makes ``train.steps × ppo_epochs × ppo_minibatches`` optimiser updates. Defaults (with
+    ``ppo_minibatches`` unset): ddpo 1 epoch × 2 minibatches (ddpo-pytorch's default config: two
+    updates per sampling round, so the clip binds on the second); dpok 1 × 1 (its paper: one
+    on-policy update per rollout; reused, its policy-gradient term is importance-weighted).
+    """
 
     name: str = "rtb"
     beta: float = 1.0  # reward temperature: log R(x) = r(x) / beta
@@ -91,9 +101,15 @@ class ObjectiveConfig:
     ratio_per_dim: bool = True  # ddpo: ratio of per-dimension geometric-mean densities, as DDPO
     kl_weight: float = 0.01  # dpok: weight of the per-step KL to the prior
     advantage_clip: float = 5.0
+    ppo_epochs: int = 1  # ddpo / dpok: passes over each rollout batch
+    ppo_minibatches: int | None = None  # per pass, one update each; None: 2 (ddpo), 1 (dpok)
 
     def __post_init__(self) -> None:
         _choice("objective.name", self.name, OBJECTIVES)
+        for name in ("ppo_epochs", "ppo_minibatches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"objective.{name} must be >= 1, got {value}")
         _choice("objective.penalty", self.penalty, PENALTIES)
         _choice("objective.log_z_mode", self.log_z_mode, ("auto", "table", "network", "batch"))
         _positive("objective.beta", self.beta)
@@ -106,6 +122,13 @@ class ObjectiveConfig:
         _positive("objective.kl_weight", self.kl_weight, strict=False)
         if not 0 <= self.flow_ema < 1:
             raise ValueError(f"objective.flow_ema must be in [0, 1), got {self.flow_ema}")
+
+    @property
+    def minibatches(self) -> int:
+        """``ppo_minibatches``, or its default when unset: 2 for ddpo, 1 otherwise."""
+        if self.ppo_minibatches is not None:
+            return self.ppo_minibatches
+        return 2 if self.name == "ddpo" else 1
 
 
 @dataclass
@@ -138,7 +161,7 @@ class PromptConfig:
 class TrainConfig:
     """The optimisation: sizes, steps, precision, seeds."""
 
-    steps: int = 100  # optimiser steps
+    steps: int = 100  # rounds of grad_accum rollouts, one optimiser step each (ddpo/dpok: more)
     batch_size: int = 8  # trajectories per process per rollout
     grad_accum: int = 1  # rollouts per optimiser step
     lr: float = 3e-4
@@ -156,6 +179,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         _positive("train.lr", self.lr)
+        if str(self.mixed_precision).lower() == "false":  # YAML 1.1 reads `no` as False
+            self.mixed_precision = "no"
         _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("train.on_nonfinite", self.on_nonfinite, ("raise", "skip"))
         if self.replay_per_batch < 0 or self.replay_buffer < 0:
@@ -200,6 +225,12 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
+        mb = self.objective.minibatches
+        if self.objective.name in ("ddpo", "dpok") and self.train.batch_size % mb:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be divisible by "
+                f"objective.ppo_minibatches={mb}"
+            )
         off_policy = self.train.replay_per_batch > 0 or self.train.exploration_scale > 0
         if off_policy and self.objective.name in ("ddpo", "dpok"):
             raise ValueError(

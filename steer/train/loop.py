@@ -17,17 +17,26 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from steer.diffusion.policy import StepOutput
 from steer.diffusion.schedule import gaussian_log_prob
 from steer.train.checkpoint import TrainState, resolve_resume, save_checkpoint
 from steer.train.config import Config
-from steer.train.losses import RolloutBatch, StepTerms, TrainObjective, choose_steps
+from steer.train.losses import (
+    GFN_OBJECTIVES,
+    RolloutBatch,
+    StepTerms,
+    TrainObjective,
+    choose_steps,
+    stochastic_steps,
+)
 from steer.train.models import Components, build_components, build_objective_modules
 from steer.train.outputs import evaluate, save_final, start_run
 from steer.train.replay import ReplayBuffer, concat_batches, rescore, to_device
 from steer.train.sampling import NonFiniteError, sample_batch
+from steer.trajectory import Trajectory
 
 
 @dataclass
@@ -48,35 +57,72 @@ class Run:
     stop_signal: list[int] = field(default_factory=list)
 
 
+def trained_steps(run: Run, traj: Trajectory) -> list[int]:
+    """The steps re-scored with gradient: ``choose_steps`` among the K steps (GFlowNet
+    objectives) or among the stochastic ones only (ddpo, dpok: σ = 0 has no ratio, no KL)."""
+    frac, gen = run.cfg.objective.train_fraction, run.state.generator
+    if run.objective.name in GFN_OBJECTIVES:
+        return choose_steps(traj.num_steps, frac, gen)
+    stochastic = stochastic_steps(traj)
+    if not stochastic:
+        raise ValueError(
+            f"every step is deterministic (σ = 0): {run.objective.name} has nothing to train; "
+            "use model.eta > 0"
+        )
+    return [stochastic[i] for i in choose_steps(len(stochastic), frac, gen)]
+
+
+def _log_prob_of(x: Tensor, out: StepOutput) -> Tensor:
+    """``log P_F(x | x_t)`` ``[B]`` of a step's Gaussian, 0 where σ = 0 (as ``policy.log_prob``)."""
+    std = out.std.view(-1, *([1] * (x.ndim - 1)))
+    safe = torch.where(std == 0, torch.ones_like(std), std)
+    log_prob = gaussian_log_prob(x.to(out.mean.dtype), out.mean, safe)
+    return torch.where(out.deterministic, torch.zeros_like(log_prob), log_prob)
+
+
+def _rescore(run: Run, batch: RolloutBatch, k: int, embeds: Tensor | None) -> StepTerms:
+    """Step ``k`` under the current weights, with grad: its log-prob; for dpok also its mean and
+    σ, and the prior's mean (without grad)."""
+    policy, traj = run.parts.policy, batch.traj
+    x_t, x_next = traj.latents[:, k], traj.latents[:, k + 1]
+    if run.objective.name != "dpok":
+        return StepTerms(policy.log_prob(x_t, x_next, k, embeds))
+    zero = torch.zeros_like(x_t)
+    out = policy.step(x_t, k, embeds, noise=zero)  # its sample is the mean: score x_next
+    with torch.no_grad():
+        prior_mean = run.parts.prior.step(x_t, k, embeds, noise=zero).mean
+    return StepTerms(_log_prob_of(x_next, out), out.mean, out.std, prior_mean)
+
+
 def train_on_batch(run: Run, batch: RolloutBatch) -> dict[str, float]:
-    """Back-propagate one rollout batch: the direct loss (log Z, flow), then each trained step."""
-    acc, policy, traj = run.accelerator, run.parts.policy, batch.traj
-    direct, metrics = run.objective.prepare(batch)
+    """Back-propagate one rollout batch: the direct loss (log Z, flow), then each trained step.
+    A non-finite loss raises ``NonFiniteError`` before its backward."""
+    acc, traj, objective = run.accelerator, batch.traj, run.objective
+    rows, prompts = list(range(traj.batch_size)), batch.extras.get("prompts")
+    direct, metrics = objective.prepare(batch)
     if not bool(torch.isfinite(direct)):
-        raise NonFiniteError("loss", list(range(traj.batch_size)), batch.extras.get("prompts"))
+        raise NonFiniteError("loss", rows, prompts)
     if direct.requires_grad:
         acc.backward(direct)
-    steps = choose_steps(traj.num_steps, run.cfg.objective.train_fraction, run.state.generator)
+    steps = trained_steps(run, traj)
     embeds = None if batch.prompt_index is None else run.parts.cond.embeds[batch.prompt_index]
-    needs_mean = run.objective.name == "dpok"
-    step_total = 0.0
+    step_total, ratios = 0.0, []
     for k in steps:
-        x_t, x_next = traj.latents[:, k], traj.latents[:, k + 1]
         with acc.autocast():
-            if needs_mean:  # the step's Gaussian with grad, and the prior's mean without
-                zero = torch.zeros_like(x_t)
-                out = policy.step(x_t, k, embeds, noise=zero)
-                with torch.no_grad():
-                    prior_mean = run.parts.prior.step(x_t, k, embeds, noise=zero).mean
-                std = out.std.view(-1, *([1] * (x_t.ndim - 1)))
-                log_prob = gaussian_log_prob(x_next.to(out.mean.dtype), out.mean, std)
-                terms = StepTerms(log_prob, out.mean, out.std, prior_mean)
-            else:
-                terms = StepTerms(policy.log_prob(x_t, x_next, k, embeds))
-            loss = run.objective.step_loss(batch, k, terms, len(steps))
+            terms = _rescore(run, batch, k, embeds)
+            loss = objective.step_loss(batch, k, terms, len(steps))
+        if not math.isfinite(float(loss.detach())):
+            raise NonFiniteError(f"step loss (step {k})", rows, prompts)
         acc.backward(loss)
         step_total += float(loss.detach())
+        if objective.name not in GFN_OBJECTIVES:
+            ratios.append(objective.ratio(batch, k, terms.log_prob.detach()))
     metrics.setdefault("loss", step_total)  # the baselines' loss is the sum of their step losses
+    if ratios:  # ddpo-pytorch's diagnostics: how far from on-policy, how often clipped
+        dev = (torch.stack(ratios) - 1).abs()
+        metrics["ratio_dev"] = float(dev.max())
+        if objective.name == "ddpo":
+            metrics["clip_fraction"] = float((dev > run.cfg.objective.clip_range).float().mean())
     return metrics
 
 
@@ -105,23 +151,30 @@ def with_replay(run: Run, fresh: RolloutBatch) -> RolloutBatch:
 
 
 def sync_and_step(run: Run) -> float:
-    """Average gradients over processes (one all-reduce), clip, step; returns the grad norm."""
+    """Average gradients over processes (one all-reduce), clip, step; returns the grad norm.
+    A non-finite norm raises ``NonFiniteError`` before the step (under fp16 the grad scaler skips
+    such a step itself and lowers its scale)."""
     acc = run.accelerator
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
     if acc.num_processes > 1:
         flat = acc.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
         for p, g in zip(run.params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = g.view_as(p).clone()
-    norm = acc.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm)
+    norm = float(acc.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm))
+    if not math.isfinite(norm) and acc.scaler is None:
+        raise NonFiniteError("gradient norm", [], None)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm
 
 
 def _handle_nonfinite(run: Run, err: NonFiniteError) -> None:
+    """Skip (drop the gradients gathered so far, count) or save the weights, never stepped with a
+    non-finite loss or gradient, and raise."""
     if run.cfg.train.on_nonfinite == "skip":
         run.skipped += 1
-        run.optimizer.zero_grad(set_to_none=True)
+        for p in run.params:  # not optimizer.zero_grad: a no-op inside an accumulation window
+            p.grad = None
         return
     path = save_checkpoint(
         run.accelerator,
@@ -134,6 +187,52 @@ def _handle_nonfinite(run: Run, err: NonFiniteError) -> None:
         f"stopped at step {run.state.step}: {err} (term: {err.term}); saved {path}. Set "
         "train.on_nonfinite=skip to skip and count such batches instead"
     ) from err
+
+
+def step_or_skip(run: Run) -> float:
+    """``sync_and_step``, through ``_handle_nonfinite`` on a non-finite gradient (NaN: skipped)."""
+    try:
+        return sync_and_step(run)
+    except NonFiniteError as err:
+        _handle_nonfinite(run, err)
+        return float("nan")
+
+
+def collect(run: Run) -> tuple[RolloutBatch, RolloutBatch]:
+    """A fresh rollout batch and the batch to train on (with replay), sampled under the autocast
+    of the re-scoring in ``train_on_batch``: stored and re-scored log-probs at one precision (so
+    an on-policy ratio is 1 under bf16 too, not 1 ± 1e-3; decoding and rewards stay float32)."""
+    with run.accelerator.autocast():
+        fresh = sample(run)
+        batch = with_replay(run, fresh)
+    if math.isnan(run.first_noise_checksum):  # the first batch of this run
+        run.first_noise_checksum = float(fresh.traj.latents[:, 0].double().sum())
+    return fresh, batch
+
+
+def fresh_reward(run: Run, fresh: RolloutBatch) -> float:
+    """The mean raw reward of a fresh batch over every process (replayed rows left out)."""
+    return run.accelerator.gather(fresh.raw_reward).float().mean().item()
+
+
+def train_round(run: Run) -> tuple[list[float], dict[str, float]]:
+    """One ``train.steps`` step: ``train.grad_accum`` fresh rollouts (their mean rewards) and one
+    optimiser step, or ``ppo_epochs × ppo_minibatches`` for ddpo / dpok (``steer.train.ppo``)."""
+    if run.objective.name not in GFN_OBJECTIVES:
+        from steer.train.ppo import ppo_round  # ppo builds on this module
+
+        return ppo_round(run)
+    acc, rewards, metrics = run.accelerator, [], {}
+    for _ in range(run.cfg.train.grad_accum):
+        with acc.accumulate(run.parts.policy.unet):
+            try:
+                fresh, batch = collect(run)
+                metrics = train_on_batch(run, batch)
+            except NonFiniteError as err:
+                _handle_nonfinite(run, err)
+                continue
+            rewards.append(fresh_reward(run, fresh))
+    return rewards, {**metrics, "grad_norm": step_or_skip(run)}
 
 
 def _install_signal_handlers(run: Run) -> None:
@@ -218,32 +317,20 @@ def main(cfg: Config) -> Path:
         desc=f"{cfg.objective.name}",
     )
     while state.step < cfg.train.steps and not run.stop_signal:
-        rewards, metrics = [], {}
-        for _ in range(cfg.train.grad_accum):
-            with acc.accumulate(run.parts.policy.unet):
-                try:
-                    batch = with_replay(run, sample(run))
-                    metrics = train_on_batch(run, batch)
-                except NonFiniteError as err:
-                    _handle_nonfinite(run, err)
-                    continue
-                rewards.append(acc.gather(batch.raw_reward).float().mean().item())
-                if math.isnan(run.first_noise_checksum):  # the first batch of this run
-                    run.first_noise_checksum = float(batch.traj.latents[:, 0].double().sum())
-        grad_norm = sync_and_step(run)
+        rewards, metrics = train_round(run)  # state.step counts rounds of rollouts
         state.step += 1
         record = {
             "step": state.step,
-            "reward": sum(rewards) / max(len(rewards), 1),
-            "grad_norm": grad_norm,
+            "reward": sum(rewards) / max(len(rewards), 1),  # of the fresh rollouts only
             "skipped": run.skipped,
-            **metrics,
+            **metrics,  # grad_norm; ddpo / dpok: means over the round's updates
         }
         state.history.append(record)
         if cfg.log.tracker != "none":
             acc.log(record, step=state.step)
         bar.update(1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{record['loss']:.3g}")
+        loss = record.get("loss", math.nan)  # none when every rollout was skipped
+        bar.set_postfix(reward=f"{record['reward']:.3f}", loss=f"{loss:.3g}")
         if cfg.log.eval_every and state.step % cfg.log.eval_every == 0:
             evaluate(run, tag=f"step-{state.step}")
         if cfg.log.checkpoint_every and state.step % cfg.log.checkpoint_every == 0:
@@ -262,15 +349,10 @@ def main(cfg: Config) -> Path:
     save_final(run, wall_time=time.time() - start)
     if cfg.reward.name == "digits-classifier" and run.parts.cond.prompts is None:
         if acc.is_main_process:
-            from steer.train.digits_report import digits_report
+            from steer.train.digits_report import digits_report, digits_summary
 
             m = digits_report(run, wall_time=time.time() - start)
-            acc.print(
-                f"class {m['target_class']}: fraction classified "
-                f"{m['prior']['fraction_target']:.2f} (prior) -> "
-                f"{m['posterior']['fraction_target']:.2f} (posterior); diversity "
-                f"{m['posterior']['diversity']:.2f} (real digits {m['real_target_diversity']:.2f})"
-                f"\nsamples.npz, grid.png, curves.png and metrics.json are in {run.out}"
-            )
+            acc.print(digits_summary(m) + f"\nsamples.npz, grid.png, curves.png and "
+                      f"metrics.json are in {run.out}")  # fmt: skip
     acc.end_training()
     return run.out

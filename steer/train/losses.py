@@ -87,56 +87,65 @@ class TrainObjective:
 
     # ------------------------------------------------------------------ GFlowNet objectives
     def _loss_of_log_pf(self, batch: RolloutBatch, log_pf: Tensor) -> tuple[Tensor, Tensor]:
-        """The objective ``L`` and its residuals as functions of ``log_pf [B, K]``."""
+        """The objective ``L`` and its residuals as functions of ``log_pf [B, K]``.
+
+        Only the first ``n = stochastic_prefix(traj)`` steps enter: a deterministic last step
+        (σ = 0) has no density, so ``x_1`` is the terminal state, its reward ``R(g(x_1))`` with
+        the prior's frozen map ``g`` (§2, convention (b)); neither its ``log P_F`` nor its
+        ``log P_B`` is counted (counting ``log P_B`` alone would bias the optimum).
+        """
         traj, name = batch.traj, self.name
+        n = stochastic_prefix(traj)
+        log_pf, log_pb = log_pf[:, :n], traj.log_pb[:, :n]  # [B, n]
         if name in ("tb", "vargrad"):
             pf = traj.log_p_init + log_pf.sum(1)
             if name == "tb" and not self.batch_log_z:
                 log_z = self.log_z(batch.prompt_index, batch.pooled)
                 self._log_z_value = float(log_z.detach().float().mean())
-                delta = O.trajectory_balance(pf, traj.log_pb, batch.log_reward, log_z)
+                delta = O.trajectory_balance(pf, log_pb, batch.log_reward, log_z)
             else:
-                delta = O.vargrad(pf, traj.log_pb, batch.log_reward, group=batch.prompt_index)
-                log_w = (batch.log_reward + traj.log_pb.sum(1) - pf).detach()
+                delta = O.vargrad(pf, log_pb, batch.log_reward, group=batch.prompt_index)
+                log_w = (batch.log_reward + log_pb.sum(1) - pf).detach()
                 self._log_z_value = float(log_w.mean())  # the batch estimate, for the curves
             return self.penalty(delta).mean(), delta
+        prior = None if batch.log_pf_prior is None else batch.log_pf_prior[:, :n]
         if name == "rtb" and self.batch_log_z:
-            delta = O.relative_vargrad(
-                log_pf, batch.log_pf_prior, batch.log_reward, group=batch.prompt_index
-            )
-            log_w = batch.log_reward + batch.log_pf_prior.sum(1) - log_pf.detach().sum(1)
+            delta = O.relative_vargrad(log_pf, prior, batch.log_reward, group=batch.prompt_index)
+            log_w = batch.log_reward + prior.sum(1) - log_pf.detach().sum(1)
             self._log_z_value = float(log_w.mean())  # the batch estimate, for the curves
             return self.penalty(delta).mean(), delta
         if name == "rtb":
             log_z = self.log_z(batch.prompt_index, batch.pooled)
             self._log_z_value = float(log_z.detach().float().mean())
-            delta = O.relative_trajectory_balance(
-                log_pf, batch.log_pf_prior, batch.log_reward, log_z
-            )
+            delta = O.relative_trajectory_balance(log_pf, prior, batch.log_reward, log_z)
             return self.penalty(delta).mean(), delta
-        return self._flow_loss(batch, log_pf)
+        return self._flow_loss(batch, log_pf, log_pb)
 
-    def _flow_loss(self, batch: RolloutBatch, log_pf: Tensor) -> tuple[Tensor, Tensor]:
-        """Energy-difference DB (3.5) on every transition, or SubTB (3.6) on its flows."""
+    def _flow_loss(
+        self, batch: RolloutBatch, log_pf: Tensor, log_pb: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Energy-difference DB (3.5) on the ``n`` stochastic transitions ``log_pf [B, n]``,
+        or SubTB (3.6) on their flows; the state after the last one is terminal."""
         traj = batch.traj
         b, k = log_pf.shape
         # 1. log F̃ at the K non-terminal states x_K..x_1 (the terminal one is R itself).
         states = traj.latents[:, :k].flatten(0, 1)  # [B*K, ...]
-        t = traj.timesteps.to(states.device).repeat(b)  # [B*K]
+        t = traj.timesteps[:k].to(states.device).repeat(b)  # [B*K]
         pooled = None if batch.pooled is None else batch.pooled.repeat_interleave(k, 0)
         f_tilde = self.flow(states, t, pooled).view(b, k)  # [B, K]
-        r_pred = torch.cat([batch.log_reward_pred, batch.log_reward[:, None]], 1)  # [B, K+1]
-        f_next = torch.cat([f_tilde[:, 1:], f_tilde.new_zeros(b, 1)], 1)  # F̃(x_0) := 0
+        pred = batch.log_reward_pred[:, :k]  # [B, K] log R(x̂_θ(x_k)) at the non-terminal states
+        r_pred = torch.cat([pred, batch.log_reward[:, None]], 1)  # [B, K+1]
+        f_next = torch.cat([f_tilde[:, 1:], f_tilde.new_zeros(b, 1)], 1)  # F̃(terminal) := 0
         if self.name == "db":
             terminal = torch.zeros(b, k, dtype=torch.bool, device=log_pf.device)
             terminal[:, -1] = True
             delta = O.energy_difference_detailed_balance(
-                f_tilde, log_pf, f_next, traj.log_pb, r_pred[:, :-1], r_pred[:, 1:], terminal
+                f_tilde, log_pf, f_next, log_pb, r_pred[:, :-1], r_pred[:, 1:], terminal
             )
             return self.penalty(delta).mean(), delta.sum(1)
         log_flows = torch.cat([f_tilde, f_tilde.new_zeros(b, 1)], 1) + r_pred  # [B, K+1]
         loss = O.subtrajectory_balance(
-            log_flows, log_pf, traj.log_pb, self.cfg.subtb_lambda, penalty=self.penalty
+            log_flows, log_pf, log_pb, self.cfg.subtb_lambda, penalty=self.penalty
         )
         return loss.mean(), loss
 
@@ -156,27 +165,61 @@ class TrainObjective:
             metrics["log_z"] = self._log_z_value
         return loss, metrics
 
+    def ratio(self, batch: RolloutBatch, k: int, log_prob: Tensor) -> Tensor:
+        """``[B]`` ratio of step ``k``'s density under the current weights to the one stored at
+        rollout time (ddpo with ``ratio_per_dim``: of the per-dimension geometric means)."""
+        diff = log_prob - batch.traj.log_pf[:, k]
+        if self.name == "ddpo" and self.cfg.ratio_per_dim:
+            diff = diff / batch.traj.latents[0, 0].numel()
+        return diff.exp()
+
     def step_loss(self, batch: RolloutBatch, k: int, terms: StepTerms, num_trained: int) -> Tensor:
         """The surrogate loss of re-scored step ``k`` (one of ``num_trained`` steps)."""
         scale = batch.traj.num_steps / num_trained
         if self.name in GFN_OBJECTIVES:
             return scale * (self._coef[:, k] * terms.log_prob).sum()
-        adv = batch.advantages
+        # the baselines train stochastic steps only (``num_trained`` of them)
+        adv, ratio = batch.advantages, self.ratio(batch, k, terms.log_prob)
         if self.name == "ddpo":  # PPO-clip on the per-step ratio (Black et al. 2023)
-            diff = terms.log_prob - batch.traj.log_pf[:, k]
-            if self.cfg.ratio_per_dim:
-                diff = diff / batch.traj.latents[0, 0].numel()
-            ratio = diff.exp()
             clipped = ratio.clamp(1 - self.cfg.clip_range, 1 + self.cfg.clip_range)
             return torch.maximum(-adv * ratio, -adv * clipped).mean() / num_trained
         # dpok (Fan et al. 2023): REINFORCE + KL(P_F^θ(·|x_k) || P_F^prior(·|x_k)),
-        # in closed form |μ_θ - μ_prior|² / 2σ² between the two Gaussians of (2.5).
-        pg = -(adv * terms.log_prob).mean() * scale
+        # in closed form |μ_θ - μ_prior|² / 2σ² between the two Gaussians of (2.5); the sums
+        # over the stochastic steps. -adv·ratio has the REINFORCE gradient on-policy (ratio = 1)
+        # and stays unbiased when a batch is reused (objective.ppo_epochs / ppo_minibatches).
+        scale = len(stochastic_steps(batch.traj)) / num_trained
+        pg = -(adv * ratio).mean() * scale
         if terms.std is None or terms.prior_mean is None:
             raise ValueError("dpok needs the step's mean, std and the prior's mean")
         sq = (terms.mean - terms.prior_mean).pow(2).flatten(1).sum(1)  # [B]
         kl = sq / (2 * terms.std.pow(2).flatten().clamp_min(1e-12).expand_as(sq))
         return pg + self.cfg.kl_weight * kl.mean() * scale
+
+
+def stochastic_prefix(traj: Trajectory) -> int:
+    """The number ``n`` of leading steps with a density; the rest (a deterministic tail, σ = 0)
+    is the prior's fixed map. Raises when a deterministic step comes before a stochastic one
+    (η = 0, say): a GFlowNet objective needs a density at every step it counts."""
+    k = traj.num_steps
+    det = traj.deterministic
+    if det is None or not bool(det.any()):
+        return k
+    det = det.to("cpu", torch.bool)
+    n = int((~det).sum())
+    if bool(det[:n].any()) or n == 0:
+        bad = det.nonzero().flatten().tolist()
+        raise ValueError(
+            f"steps {bad} of {k} are deterministic (σ = 0), not only a final tail: the GFlowNet "
+            "objectives need a density at each counted step; use eta > 0 (e.g. model.eta=1)"
+        )
+    return n
+
+
+def stochastic_steps(traj: Trajectory) -> list[int]:
+    """The steps with a density (σ > 0): the only ones the baselines ddpo and dpok train."""
+    if traj.deterministic is None:
+        return list(range(traj.num_steps))
+    return (~traj.deterministic.to("cpu", torch.bool)).nonzero().flatten().tolist()
 
 
 def choose_steps(num_steps: int, fraction: float, generator: torch.Generator) -> list[int]:

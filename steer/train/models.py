@@ -119,6 +119,8 @@ def build_components(cfg: Config, device: torch.device) -> Components:
         unet.requires_grad_(True)
         policy = DiffusionPolicy(unet, scheduler, **kwargs)
         prior = require_frozen(DiffusionPolicy(frozen, scheduler, **kwargs))
+    # the σ = 0 steps (the last one with set_alpha_to_one) keep the prior's map (§2, (b))
+    policy.deterministic_map = prior
     # 3. decoder and reward
     vae = getattr(pipe, "vae", None)
     if vae is not None:

@@ -45,9 +45,20 @@ class NonFiniteError(RuntimeError):
 
 
 def score(reward, images: Tensor, prompts: list[str] | None) -> Tensor:
-    """Raw reward ``[N]`` of images, without gradients (the reward batches internally)."""
-    with torch.no_grad():
+    """Raw reward ``[N]`` of images, without gradients (the reward batches internally), in
+    float32 even inside an autocast region."""
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         return reward(images.float(), prompts).float()
+
+
+def _float32(decode: Decode, device: torch.device) -> Decode:
+    """``decode`` with autocast off: a rollout under autocast still decodes in float32."""
+
+    def wrapped(latents: Tensor) -> Tensor:
+        with torch.autocast(device.type, enabled=False):
+            return decode(latents)
+
+    return wrapped
 
 
 def sample_batch(
@@ -64,6 +75,7 @@ def sample_batch(
     """One rollout of ``cfg.train.batch_size`` trajectories, rewarded, ready for the objective."""
     b, name = cfg.train.batch_size, cfg.objective.name
     device = policy.device
+    decode = _float32(decode, device)  # only the UNet passes follow the caller's autocast
     # 1. prompts and the rollout (no grad)
     idx = cond.draw(b, generator)
     embeds = None if idx is None else cond.embeds[idx].to(device)
