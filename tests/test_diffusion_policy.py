@@ -171,3 +171,30 @@ def test_deterministic_map_takes_the_sigma_zero_steps() -> None:
     assert mapped.log_pf[:, -1].eq(0).all() and drifted.shape == x1.shape
     with pytest.raises(ValueError, match="must be frozen"):
         policy.deterministic_map = DiffusionPolicy(unet, sched, num_inference_steps=4)
+
+
+def test_frozen_tail_steps_are_the_prior_s_and_carry_no_gradient() -> None:
+    """``frozen_tail = N``: the last N steps (stochastic too) sample and score under the frozen
+    map, so their RTB terms cancel and no gradient reaches the policy there."""
+    unet = tiny_ddpm_components(channels=1)["unet"]
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    sched = tiny_ddim_scheduler()
+    prior = DiffusionPolicy(frozen, sched, num_inference_steps=4, eta=1.0)
+    policy = DiffusionPolicy(unet, sched, num_inference_steps=4, eta=1.0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    policy.deterministic_map, policy.frozen_tail = prior, 2
+    assert policy.trainable_steps() == [0, 1]
+    traj = rollout(policy, batch_size=2, generator=torch.Generator().manual_seed(0))
+    for k in range(4):
+        x, y = traj.latents[:, k], traj.latents[:, k + 1]
+        mine, theirs = policy.log_prob(x, y, k), prior.log_prob(x, y, k)
+        torch.testing.assert_close(traj.log_pf[:, k], mine)
+        if k >= 2:
+            torch.testing.assert_close(mine, theirs)
+            assert not mine.requires_grad
+        else:
+            assert not torch.allclose(mine, theirs) and mine.requires_grad
+    with pytest.raises(ValueError, match="mixes steps of the frozen map"):
+        policy.log_prob(traj.latents[:, 1], traj.latents[:, 2], torch.tensor([1, 2]))

@@ -387,3 +387,23 @@ def test_logged_reward_is_the_fresh_batch(tmp_path: Path, monkeypatch) -> None:
     run.buffer.batch.raw_reward += 1000.0  # replayed rows would dominate the mean
     rewards, _ = loop.train_round(run)
     assert rewards == [pytest.approx(fresh[-1].raw_reward.float().mean().item())]
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor() -> None:
+    from steer.train.config import load_config
+    from steer.train.loop import make_lr_scheduler
+
+    over = ["train.lr_schedule=cosine", "train.steps=10", "train.lr_warmup_steps=2"]
+    cfg = load_config(None, [*over, "train.lr_min_ratio=0.2"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched, lrs = make_lr_scheduler(cfg, opt), []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == pytest.approx([1.0, 2.0])  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # then non-increasing
+    assert lrs[-1] == pytest.approx(2.0 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 7 / 8))))
+    assert make_lr_scheduler(load_config(None, []), opt) is None  # constant: no scheduler
+    with pytest.raises(ValueError, match="train.lr_schedule='step' is not valid"):
+        load_config(None, ["train.lr_schedule=step"])

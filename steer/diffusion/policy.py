@@ -82,6 +82,7 @@ class DiffusionPolicy(nn.Module):
         self.conditional = isinstance(inner, UNet2DConditionModel)
         self.schedule = make_schedule(scheduler, num_inference_steps, eta)
         object.__setattr__(self, "_deterministic_map", None)  # not a submodule: no shared params
+        self.frozen_tail = 0  # the last N steps, stochastic or not, also taken by the map
 
     # ------------------------------------------------------------------------------------------
     # the deterministic-step convention (§2)
@@ -97,6 +98,20 @@ class DiffusionPolicy(nn.Module):
         it to the frozen prior.
         """
         return self._deterministic_map
+
+    def frozen_steps(self, idx: Tensor | None = None) -> Tensor:
+        """Bool ``[K]`` (or at ``idx``): the steps the deterministic map takes — every σ = 0
+        step and the last ``frozen_tail`` steps; all False without a map."""
+        sched = self.schedule
+        k = torch.arange(sched.num_steps)
+        mask = sched.deterministic.cpu() | (k >= sched.num_steps - self.frozen_tail)
+        if self._deterministic_map is None:
+            mask = torch.zeros_like(mask)
+        return mask if idx is None else mask.to(idx.device)[idx]
+
+    def trainable_steps(self) -> list[int]:
+        """The steps whose transition this policy's own weights take (the rest: the map)."""
+        return (~self.frozen_steps()).nonzero().flatten().tolist()
 
     def __setattr__(self, name: str, value: object) -> None:
         if name == "deterministic_map":  # nn.Module would register a module value as a child
@@ -288,9 +303,8 @@ class DiffusionPolicy(nn.Module):
         gradient is the score of the realised transition; ``sample`` keeps the reparameterised path.
         """
         idx = self._index(k, x_t.shape[0], x_t.device)
-        frozen = self._deterministic_map
-        if frozen is not None and bool(self.schedule.deterministic.to(idx.device)[idx].any()):
-            return self._step_with_map(frozen, x_t, idx, cond, noise, generator)
+        if bool(self.frozen_steps(idx).any()):
+            return self._step_with_map(x_t, idx, cond, noise, generator)
         mean, sigma, x0 = self._mean(x_t, idx, cond)
         if noise is None and bool(self.schedule.noise_steps.to(idx.device)[idx].any()):
             gen_device = generator.device if generator is not None else mean.device
@@ -303,23 +317,27 @@ class DiffusionPolicy(nn.Module):
         log_prob, det = self._log_normal(sample.detach(), mean, sigma)
         return StepOutput(sample, log_prob, mean, sigma.flatten(), x0, det)
 
+    def _map_for(self, idx: Tensor) -> DiffusionPolicy:
+        """The frozen map, on this policy's schedule, for step indices that it takes."""
+        if not bool(self.frozen_steps(idx).all()):
+            raise ValueError(
+                "a batch of step indices mixes steps of the frozen map (σ = 0 or the frozen "
+                "tail) with the policy's own; step them in separate calls"
+            )
+        frozen = self._deterministic_map
+        frozen.schedule = self.schedule
+        return frozen
+
     def _step_with_map(
         self,
-        frozen: DiffusionPolicy,
         x_t: Tensor,
         idx: Tensor,
         cond: Tensor | None,
         noise: Tensor | None,
         generator: torch.Generator | None,
     ) -> StepOutput:
-        """A deterministic step taken by the frozen map, under this policy's schedule."""
-        if not bool(self.schedule.deterministic.to(idx.device)[idx].all()):
-            raise ValueError(
-                "a batch of step indices mixes deterministic and stochastic steps while a "
-                "deterministic_map is set; step them in separate calls"
-            )
-        frozen.schedule = self.schedule
-        return frozen.step(x_t, idx, cond, noise=noise, generator=generator)
+        """A step taken by the frozen map, under this policy's schedule."""
+        return self._map_for(idx).step(x_t, idx, cond, noise=noise, generator=generator)
 
     def log_prob(
         self, x_t: Tensor, x_next: Tensor, k: int | Tensor, cond: Tensor | None = None
@@ -328,6 +346,8 @@ class DiffusionPolicy(nn.Module):
         if x_next.shape != x_t.shape:
             raise ValueError(f"x_next must match x_t {tuple(x_t.shape)}, got {tuple(x_next.shape)}")
         idx = self._index(k, x_t.shape[0], x_t.device)
+        if bool(self.frozen_steps(idx).any()):  # the frozen map's density (no gradient to θ)
+            return self._map_for(idx).log_prob(x_t, x_next, idx, cond)
         mean, sigma, _ = self._mean(x_t, idx, cond)
         return self._log_normal(x_next, mean, sigma)[0]
 

@@ -43,6 +43,9 @@ class ModelConfig:
     timestep_spacing: str | None = None  # leading | trailing | linspace; None keeps the model's
     gradient_checkpointing: bool = False
     cache_dir: str | None = None
+    # the last N steps sample from the frozen prior: fine-tuning acts on the first K - N steps
+    # (at low noise the posterior's kernel is the prior's; their RTB terms cancel exactly)
+    prior_tail_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -50,6 +53,12 @@ class ModelConfig:
                 f"model.num_inference_steps must be >= 1, got {self.num_inference_steps}"
             )
         _positive("model.eta", self.eta, strict=False)
+        if not 0 <= self.prior_tail_steps < self.num_inference_steps:
+            raise ValueError(
+                f"model.prior_tail_steps must be in [0, {self.num_inference_steps - 1}] "
+                f"(model.num_inference_steps={self.num_inference_steps}), "
+                f"got {self.prior_tail_steps}"
+            )
         _positive("model.guidance_scale", self.guidance_scale, strict=False)
         if self.timestep_spacing is not None:
             _choice("model.timestep_spacing", self.timestep_spacing,
@@ -173,6 +182,9 @@ class TrainConfig:
     replay_per_batch: int = 0  # buffer trajectories added to each fresh batch (re-scored)
     exploration_scale: float = 0.0  # σ × (1 + scale) at rollout; log P_F stays the policy's
     on_nonfinite: str = "raise"  # raise (after saving a checkpoint) | skip (and count)
+    lr_schedule: str = "constant"  # constant | cosine (to lr_min_ratio × lr at the last update)
+    lr_warmup_steps: int = 0  # linear warm-up over the first updates
+    lr_min_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -183,6 +195,12 @@ class TrainConfig:
             self.mixed_precision = "no"
         _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("train.on_nonfinite", self.on_nonfinite, ("raise", "skip"))
+        _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        if self.lr_warmup_steps < 0 or not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(
+                f"train.lr_warmup_steps must be >= 0 and train.lr_min_ratio in [0, 1], got "
+                f"{self.lr_warmup_steps} and {self.lr_min_ratio}"
+            )
         if self.replay_per_batch < 0 or self.replay_buffer < 0:
             raise ValueError("train.replay_buffer and train.replay_per_batch must be >= 0")
         if self.replay_per_batch > 0 and self.replay_buffer < self.replay_per_batch:

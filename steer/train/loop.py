@@ -55,15 +55,18 @@ class Run:
     buffer: ReplayBuffer | None = None
     first_noise_checksum: float = float("nan")
     stop_signal: list[int] = field(default_factory=list)
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
 
 def trained_steps(run: Run, traj: Trajectory) -> list[int]:
     """The steps re-scored with gradient: ``choose_steps`` among the K steps (GFlowNet
     objectives) or among the stochastic ones only (ddpo, dpok: σ = 0 has no ratio, no KL)."""
     frac, gen = run.cfg.objective.train_fraction, run.state.generator
+    own = set(run.parts.policy.trainable_steps())  # not the frozen map's (σ = 0, frozen tail)
     if run.objective.name in GFN_OBJECTIVES:
-        return choose_steps(traj.num_steps, frac, gen)
-    stochastic = stochastic_steps(traj)
+        pool = [k for k in range(traj.num_steps) if k in own]
+        return [pool[i] for i in choose_steps(len(pool), frac, gen)]
+    stochastic = [k for k in stochastic_steps(traj) if k in own]
     if not stochastic:
         raise ValueError(
             f"every step is deterministic (σ = 0): {run.objective.name} has nothing to train; "
@@ -105,12 +108,13 @@ def train_on_batch(run: Run, batch: RolloutBatch) -> dict[str, float]:
     if direct.requires_grad:
         acc.backward(direct)
     steps = trained_steps(run, traj)
+    pool = len(run.parts.policy.trainable_steps())  # the steps the subset is drawn from
     embeds = None if batch.prompt_index is None else run.parts.cond.embeds[batch.prompt_index]
     step_total, ratios = 0.0, []
     for k in steps:
         with acc.autocast():
             terms = _rescore(run, batch, k, embeds)
-            loss = objective.step_loss(batch, k, terms, len(steps))
+            loss = objective.step_loss(batch, k, terms, len(steps), pool)
         if not math.isfinite(float(loss.detach())):
             raise NonFiniteError(f"step loss (step {k})", rows, prompts)
         acc.backward(loss)
@@ -165,7 +169,31 @@ def sync_and_step(run: Run) -> float:
         raise NonFiniteError("gradient norm", [], None)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.lr_scheduler is not None:
+        run.lr_scheduler.step()
     return norm
+
+
+def make_lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
+    """Warm-up then constant or cosine (to ``lr_min_ratio``) over every optimiser update of the
+    run (``train.steps`` rounds × PPO updates per round for ddpo / dpok); ``None`` when flat."""
+    t = cfg.train
+    if t.lr_schedule == "constant" and t.lr_warmup_steps == 0:
+        return None
+    per_round = 1
+    if cfg.objective.name in ("ddpo", "dpok"):
+        per_round = cfg.objective.ppo_epochs * cfg.objective.minibatches
+    total = max(1, t.steps * per_round)
+
+    def factor(update: int) -> float:
+        if update < t.lr_warmup_steps:
+            return (update + 1) / t.lr_warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (update - t.lr_warmup_steps) / max(1, total - t.lr_warmup_steps))
+        return t.lr_min_ratio + (1 - t.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _handle_nonfinite(run: Run, err: NonFiniteError) -> None:
@@ -276,6 +304,9 @@ def setup(cfg: Config) -> Run:
     acc.register_for_checkpointing(state)
     params = [p for g in groups for p in g["params"]]
     run = Run(cfg, acc, parts, objective, params, optimizer, state, out)
+    run.lr_scheduler = make_lr_scheduler(cfg, optimizer)
+    if run.lr_scheduler is not None:  # saved and restored with the checkpoints
+        acc.register_for_checkpointing(run.lr_scheduler)
     if cfg.train.replay_buffer:
         run.buffer = ReplayBuffer(cfg.train.replay_buffer)
     if cfg.log.resume_from_checkpoint:

@@ -173,9 +173,17 @@ class TrainObjective:
             diff = diff / batch.traj.latents[0, 0].numel()
         return diff.exp()
 
-    def step_loss(self, batch: RolloutBatch, k: int, terms: StepTerms, num_trained: int) -> Tensor:
-        """The surrogate loss of re-scored step ``k`` (one of ``num_trained`` steps)."""
-        scale = batch.traj.num_steps / num_trained
+    def step_loss(
+        self,
+        batch: RolloutBatch,
+        k: int,
+        terms: StepTerms,
+        num_trained: int,
+        pool: int | None = None,
+    ) -> Tensor:
+        """The surrogate loss of re-scored step ``k``, one of ``num_trained`` steps drawn from
+        ``pool`` steps with a gradient (default all K; the frozen map's steps have none)."""
+        scale = (batch.traj.num_steps if pool is None else pool) / num_trained
         if self.name in GFN_OBJECTIVES:
             return scale * (self._coef[:, k] * terms.log_prob).sum()
         # the baselines train stochastic steps only (``num_trained`` of them)
@@ -187,7 +195,7 @@ class TrainObjective:
         # in closed form |μ_θ - μ_prior|² / 2σ² between the two Gaussians of (2.5); the sums
         # over the stochastic steps. -adv·ratio has the REINFORCE gradient on-policy (ratio = 1)
         # and stays unbiased when a batch is reused (objective.ppo_epochs / ppo_minibatches).
-        scale = len(stochastic_steps(batch.traj)) / num_trained
+        scale = (len(stochastic_steps(batch.traj)) if pool is None else pool) / num_trained
         pg = -(adv * ratio).mean() * scale
         if terms.std is None or terms.prior_mean is None:
             raise ValueError("dpok needs the step's mean, std and the prior's mean")

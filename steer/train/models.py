@@ -121,6 +121,7 @@ def build_components(cfg: Config, device: torch.device) -> Components:
         prior = require_frozen(DiffusionPolicy(frozen, scheduler, **kwargs))
     # the σ = 0 steps (the last one with set_alpha_to_one) keep the prior's map (§2, (b))
     policy.deterministic_map = prior
+    policy.frozen_tail = cfg.model.prior_tail_steps
     # 3. decoder and reward
     vae = getattr(pipe, "vae", None)
     if vae is not None:
