@@ -198,3 +198,12 @@ def test_frozen_tail_steps_are_the_prior_s_and_carry_no_gradient() -> None:
             assert not torch.allclose(mine, theirs) and mine.requires_grad
     with pytest.raises(ValueError, match="mixes steps of the frozen map"):
         policy.log_prob(traj.latents[:, 1], traj.latents[:, 2], torch.tensor([1, 2]))
+    # the trainer copies the frozen steps' prior log-probs instead of recomputing them
+    from steer.train.sampling import prior_log_probs
+
+    with torch.no_grad():
+        fast = prior_log_probs(policy, prior, traj, None)
+        slow = torch.stack(
+            [prior.log_prob(traj.latents[:, k], traj.latents[:, k + 1], k) for k in range(4)], 1
+        )
+    torch.testing.assert_close(fast, slow)

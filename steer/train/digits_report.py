@@ -180,7 +180,7 @@ def exact_reference(
     def log_reward(x0: Tensor) -> Tensor:
         return score(reward, decode(x0), None) / cfg.objective.beta
 
-    spec = spec_of(cfg, prior, n, seed=30_000 + cfg.train.seed)
+    spec = spec_of(cfg, prior, n, seed=30_000 + cfg.train.seed, reward=reward)
     a, b, info = load_or_draw_reference(prior, reward, log_reward, spec, cfg.model.cache_dir)
     a, b = (decode(v)[:, :1].cpu() for v in (a, b))
     return a, b, info

@@ -56,8 +56,14 @@ def weights_digest(*modules: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def spec_of(cfg: Config, prior: DiffusionPolicy, num_samples: int, seed: int) -> ReferenceSpec:
+def spec_of(
+    cfg: Config, prior: DiffusionPolicy, num_samples: int, seed: int, reward: object = None
+) -> ReferenceSpec:
+    """The reference's key for a config; a reward with resolved ``targets`` (the digits
+    classifier) keys by them, so ``{}`` and ``{"target": 0}`` share one reference."""
     kwargs = {k: v for k, v in dict(cfg.reward.kwargs).items() if k != "cache_dir"}
+    if getattr(reward, "targets", None) is not None:
+        kwargs["target"] = [int(c) for c in reward.targets]
     return ReferenceSpec(
         reward=cfg.reward.name,
         reward_kwargs=json.dumps(kwargs, sort_keys=True),
@@ -151,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log_reward(x0: Tensor) -> Tensor:
         return score(parts.reward, parts.decode(x0), None) / cfg.objective.beta
 
-    spec = spec_of(cfg, parts.prior, args.num_samples, args.seed)
+    spec = spec_of(cfg, parts.prior, args.num_samples, args.seed, parts.reward)
     a, b, info = load_or_draw_reference(
         parts.prior, parts.reward, log_reward, spec, cfg.model.cache_dir
     )

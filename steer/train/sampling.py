@@ -61,6 +61,22 @@ def _float32(decode: Decode, device: torch.device) -> Decode:
     return wrapped
 
 
+def prior_log_probs(
+    policy: DiffusionPolicy, prior: DiffusionPolicy, traj, embeds: Tensor | None
+) -> Tensor:
+    """``log P_F^prior`` of every step of ``traj`` ``[B, K]`` (no grad). Where the policy's
+    frozen map is this prior, its steps were the prior's own: their log-probs are copied from
+    ``traj.log_pf`` instead of recomputed."""
+    shared = policy.frozen_steps() if policy.deterministic_map is prior else None
+    columns = []
+    for j in range(traj.num_steps):
+        if shared is not None and bool(shared[j]):
+            columns.append(traj.log_pf[:, j])
+        else:
+            columns.append(prior.log_prob(traj.latents[:, j], traj.latents[:, j + 1], j, embeds))
+    return torch.stack(columns, dim=1)
+
+
 def sample_batch(
     cfg: Config,
     policy: DiffusionPolicy,
@@ -114,16 +130,11 @@ def sample_batch(
             rep = None if prompts is None else [p for p in prompts for _ in range(k)]
             log_reward_pred = score(reward, decode(flat), rep).view(b, k)
             log_reward_pred = log_reward_pred / cfg.objective.beta
-        # 3. the frozen prior's log-probs on the same trajectory (rtb) — K no-grad passes
+        # 3. the frozen prior's log-probs on the same trajectory (rtb): one no-grad pass per
+        # step the policy took itself; the steps its frozen map (the prior) took score the same
         log_pf_prior = None
         if name == "rtb":
-            log_pf_prior = torch.stack(
-                [
-                    prior.log_prob(traj.latents[:, j], traj.latents[:, j + 1], j, embeds)
-                    for j in range(traj.num_steps)
-                ],
-                dim=1,
-            )  # [B, K]
+            log_pf_prior = prior_log_probs(policy, prior, traj, embeds)  # [B, K]
     for term, values in (("reward", raw), ("reward of x̂", log_reward_pred)):
         if values is not None and not bool(torch.isfinite(values).all()):
             bad = torch.nonzero(~torch.isfinite(values.view(b, -1).sum(1))).flatten().tolist()
