@@ -5,7 +5,6 @@ baseline, on a tiny prior and classifier put in a temporary cache."""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,9 @@ from steer.train.models import Components
 TINY = ("model.num_inference_steps=2", "train.batch_size=4", "log.num_eval_samples=2")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny digits prior and a quick classifier at the default locations of a cache."""
-    import steer.rewards.digits as rd
-    from steer.train.digits import DigitsPriorConfig, load_or_train_digits_prior, prior_folder
-    from steer.train.pretrain import DDPMTrainConfig
-
-    root = tmp_path_factory.mktemp("steer_cache")
-    tiny = DigitsPriorConfig(block_out_channels=(8, 16), train=DDPMTrainConfig(steps=3,
-                             batch_size=16, warmup_steps=1), grid_steps=2)  # fmt: skip
-    shutil.move(
-        load_or_train_digits_prior(root, tiny, progress=False),
-        prior_folder(root, DigitsPriorConfig()),
-    )
-    quick = rd.load_or_train_digits_classifier(root, rd.ClassifierConfig(epochs=2), progress=False)
-    default = rd.config_folder(
-        root, "digits_classifier", rd.ClassifierConfig(), rd.ClassifierConfig()
-    )
-    shutil.move(quick, default)
-    return root
+@pytest.fixture
+def cache(digits_cache: Path) -> Path:
+    return digits_cache
 
 
 def _extra(cache: Path) -> list[str]:

@@ -4,7 +4,6 @@ put in a temporary cache where the job looks for its defaults."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +15,9 @@ from steer.train.loop import main
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache holding a tiny digits prior and a quick classifier at the default locations."""
-    import steer.rewards.digits as rd
-    from steer.train.digits import DigitsPriorConfig, load_or_train_digits_prior, prior_folder
-    from steer.train.pretrain import DDPMTrainConfig
-
-    root = tmp_path_factory.mktemp("steer_cache")
-    tiny = DigitsPriorConfig(block_out_channels=(8, 16), train=DDPMTrainConfig(steps=3,
-                             batch_size=16, warmup_steps=1), grid_steps=2)  # fmt: skip
-    shutil.move(
-        load_or_train_digits_prior(root, tiny, progress=False),
-        prior_folder(root, DigitsPriorConfig()),
-    )
-    quick = rd.load_or_train_digits_classifier(root, rd.ClassifierConfig(epochs=2), progress=False)
-    default = rd.config_folder(
-        root, "digits_classifier", rd.ClassifierConfig(), rd.ClassifierConfig()
-    )
-    shutil.move(quick, default)
-    return root
+@pytest.fixture
+def cache(digits_cache: Path) -> Path:
+    return digits_cache
 
 
 def _job(cache: Path, out: Path, *extra: str):
