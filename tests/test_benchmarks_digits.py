@@ -14,7 +14,12 @@ from benchmarks._digits import NUMERIC, ROW_KEYS, evaluate, preset, table_row
 from steer.train.config import Config
 from steer.train.models import Components
 
-TINY = ("model.num_inference_steps=2", "train.batch_size=4", "log.num_eval_samples=2")
+TINY = (
+    "model.num_inference_steps=2",
+    "model.prior_tail_steps=1",
+    "train.batch_size=4",
+    "log.num_eval_samples=2",
+)
 
 
 @pytest.fixture
@@ -74,7 +79,9 @@ def test_watched_loop_snapshots_and_stops_by_time(
     ev = evaluate(steps, curve_samples=8)
     assert len(ev.curve) == 2 and all(math.isfinite(v) for _, v in ev.curve)
     _check_row(table_row("rtb", "trajectories", ev.metrics, steps.seconds, 2, 8))
-    timed = run_loop_method("vargrad", "wall time", 0.5, 3, tmp_path / "b", 2, _extra(cache))
+    timed = run_loop_method(
+        "vargrad", "wall time", 0.5, 3, tmp_path / "b", 2, _extra(cache), steps_hint=10**6
+    )
     assert timed.error is None and timed.steps >= 1 and timed.seconds >= 0.5
     assert timed.recorder.snapshots[-1].step == timed.steps  # the stop is the last mark
 

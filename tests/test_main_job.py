@@ -26,7 +26,8 @@ def _job(cache: Path, out: Path, *extra: str):
     AcceleratorState._reset_state(reset_partial_state=True)
     return load_config(ROOT / "configs" / "digits_rtb.yaml", [
         f"model.cache_dir={cache}", f"reward.kwargs.cache_dir={cache}", "reward.kwargs.target=3",
-        "model.num_inference_steps=2", "train.steps=2", "train.batch_size=4",
+        "model.num_inference_steps=2", "model.prior_tail_steps=1", "train.steps=2",
+        "train.batch_size=4",
         f"log.output_dir={out}", "log.tracker=none", "log.num_eval_samples=2", *extra,
     ])  # fmt: skip
 
