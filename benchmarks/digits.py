@@ -37,8 +37,9 @@ LOOP_METHODS = {
     "rtb": [],
     "vargrad": ["objective.name=vargrad"],
     "db": ["objective.name=db"],
-    "ddpo": ["objective.name=ddpo"],
-    "dpok": ["objective.name=dpok"],
+    # the RL baselines are on-policy: no exploration noise (the preset's 0.15 is off-policy data)
+    "ddpo": ["objective.name=ddpo", "train.exploration_scale=0"],
+    "dpok": ["objective.name=dpok", "train.exploration_scale=0"],
 }
 METHODS = (*LOOP_METHODS, "rejection-ft")
 FOLDER = Path(__file__).with_name("digits")

@@ -141,7 +141,9 @@ def section(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.digits_classes",
                                 description=__doc__.split("\n")[0])  # fmt: skip
-    p.add_argument("--steps", type=int, default=preset().train.steps, help="(default: the preset's)")
+    p.add_argument(
+        "--steps", type=int, default=preset().train.steps, help="(default: the preset's)"
+    )
     p.add_argument("--target", type=int, nargs="+", default=list(range(10)), help="classes")
     p.add_argument("--beta-half", type=int, nargs="*", default=[0], help="classes also at β=0.5")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
