@@ -102,5 +102,6 @@ def test_rejection_ft_loss_decreases(cache: Path, tmp_path: Path) -> None:
         for a, b in zip(res.policy.unet.parameters(), p.prior.unet.parameters(), strict=True)
     )
     assert changed and res.policy.deterministic_map is p.prior
-    timed = rejection_ft(p.prior, log_reward, RejectionFTConfig(seconds=0.5, batch_size=8))
-    assert timed.seconds >= 0.5 and timed.num_drawn >= 32
+    # a budget that holds a few draw batches even on a loaded machine (0.5 s did not)
+    timed = rejection_ft(p.prior, log_reward, RejectionFTConfig(seconds=4.0, batch_size=8))
+    assert timed.seconds >= 4.0 and timed.num_drawn >= 32 and timed.num_accepted > 0
