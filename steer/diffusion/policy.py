@@ -36,6 +36,12 @@ class StepOutput:
     pred_x0: Tensor
     deterministic: Tensor
 
+    def log_prob_of(self, x: Tensor) -> Tensor:
+        """``log P_F(x | x_t)`` ``[B]`` of this step's Gaussian for another ``x`` (2.5), 0 where
+        ``σ = 0``: the same guarded density as ``log_prob``."""
+        std = self.std.view(-1, *([1] * (x.ndim - 1)))
+        return DiffusionPolicy._log_normal(x, self.mean, std)[0]
+
 
 def _unwrap(module: nn.Module) -> nn.Module:
     """The model inside a DDP / accelerate wrapper (for its config and class)."""

@@ -20,8 +20,6 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from steer.diffusion.policy import StepOutput
-from steer.diffusion.schedule import gaussian_log_prob
 from steer.train.checkpoint import TrainState, resolve_resume, save_checkpoint
 from steer.train.config import Config
 from steer.train.losses import (
@@ -75,14 +73,6 @@ def trained_steps(run: Run, traj: Trajectory) -> list[int]:
     return [stochastic[i] for i in choose_steps(len(stochastic), frac, gen)]
 
 
-def _log_prob_of(x: Tensor, out: StepOutput) -> Tensor:
-    """``log P_F(x | x_t)`` ``[B]`` of a step's Gaussian, 0 where σ = 0 (as ``policy.log_prob``)."""
-    std = out.std.view(-1, *([1] * (x.ndim - 1)))
-    safe = torch.where(std == 0, torch.ones_like(std), std)
-    log_prob = gaussian_log_prob(x.to(out.mean.dtype), out.mean, safe)
-    return torch.where(out.deterministic, torch.zeros_like(log_prob), log_prob)
-
-
 def _rescore(run: Run, batch: RolloutBatch, k: int, embeds: Tensor | None) -> StepTerms:
     """Step ``k`` under the current weights, with grad: its log-prob; for dpok also its mean and
     σ, and the prior's mean (without grad)."""
@@ -94,7 +84,7 @@ def _rescore(run: Run, batch: RolloutBatch, k: int, embeds: Tensor | None) -> St
     out = policy.step(x_t, k, embeds, noise=zero)  # its sample is the mean: score x_next
     with torch.no_grad():
         prior_mean = run.parts.prior.step(x_t, k, embeds, noise=zero).mean
-    return StepTerms(_log_prob_of(x_next, out), out.mean, out.std, prior_mean)
+    return StepTerms(out.log_prob_of(x_next), out.mean, out.std, prior_mean)
 
 
 def train_on_batch(run: Run, batch: RolloutBatch) -> dict[str, float]:
