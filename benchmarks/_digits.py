@@ -1,40 +1,37 @@
 """Shared pieces of the digits benchmarks: the preset's configs, budgets (optimiser steps or wall
 time), runs watched from outside the loop (snapshots of the UNet, a stop by time), and their
-evaluation by the report's own metric function (``steer.train.digits_report.digits_metrics``).
+evaluation by the report's own metric function (``steer.digits.report.digits_metrics``).
 
-The loop has no time budget nor intermediate-weights hook, so ``watch_loop`` wraps
-``steer.train.loop.train_round`` for the duration of one run (loop.py itself is untouched): after
-each round it may copy the UNet's weights, and once a time budget is spent it sets the run's
-``stop_signal``, which ends the loop as a signal would (a checkpoint is saved, no report).
+A ``Watch`` callback of the loop copies the UNet's weights after some steps, and once a time
+budget is spent stops the run, which ends it as a signal would (a checkpoint is saved, no
+report).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from steer.train.config import Config
+from steer.train.config import FinetuneConfig
+from steer.train.loop import Callback
 
 PRESET = Path(__file__).parents[1] / "configs" / "digits_rtb.yaml"
 CURVE_SAMPLES = 128  # samples per intermediate evaluation (the final one: the report's 256)
 POINTS = 5  # intermediate evaluations per run
 
 
-def preset(overrides: Sequence[str] = ()) -> Config:
-    """The main job's config with ``a.b=value`` overrides (accelerate's state reset: one
-    process runs several jobs in turn)."""
-    from accelerate.state import AcceleratorState
-
+def preset(overrides: Sequence[str] = ()) -> FinetuneConfig:
+    """The main job's config with ``a.b=value`` overrides. One process runs several jobs in
+    turn, each with its own ``Accelerator``: they must share ``train.mixed_precision``, which
+    accelerate fixes once per process."""
     from steer.train.config import load_config
 
-    AcceleratorState._reset_state(reset_partial_state=True)
     return load_config(PRESET, list(overrides))
 
 
@@ -75,28 +72,18 @@ class Recorder:
         return self.by_time and seconds >= self.total
 
 
-@contextmanager
-def watch_loop(recorder: Recorder) -> Iterator[list[Any]]:
-    """Within the block, each round of ``steer.train.loop.main`` reports to ``recorder`` (its
-    seconds since entering the block) and stops the run when it says so; yields a list that
-    receives the run (``steer.train.loop.Run``)."""
-    import steer.train.loop as loop
+class Watch(Callback):
+    """A callback of ``steer.train.loop.main``: each step reports to ``recorder`` (its seconds
+    since the watch was made) and stops the run when it says so; ``runs`` receives the run."""
 
-    original, runs, start = loop.train_round, [], time.perf_counter()
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder, self.runs, self.start = recorder, [], time.perf_counter()
 
-    def watched(run: Any) -> tuple[list[float], dict[str, float]]:
-        if not runs:
-            runs.append(run)
-        result = original(run)
-        if recorder(time.perf_counter() - start, run.state.step + 1, run.parts.policy.unet):
-            run.stop_signal.append(0)  # 0: no signal, the time budget
-        return result
-
-    loop.train_round = watched
-    try:
-        yield runs
-    finally:
-        loop.train_round = original
+    def on_step(self, run: Any, record: dict[str, float]) -> bool:
+        if not self.runs:
+            self.runs.append(run)
+        return self.recorder(time.perf_counter() - self.start, run.state.step,
+                             run.parts.policy.unet)  # fmt: skip
 
 
 @dataclass
@@ -105,7 +92,7 @@ class MethodRun:
 
     method: str
     budget: str  # "wall time" | "trajectories"
-    cfg: Config
+    cfg: FinetuneConfig
     policy: Any  # DiffusionPolicy
     prior: Any
     reward: Any
@@ -137,7 +124,7 @@ def _final(r: MethodRun, grid: Path | None) -> dict:
     import json
     import shutil
 
-    from steer.train.digits_report import digits_metrics, save_side_by_side
+    from steer.digits.report import digits_metrics, save_side_by_side
 
     if r.folder is not None and (r.folder / "metrics.json").exists():
         if grid is not None:
@@ -157,7 +144,7 @@ def evaluate(
     cannot be measured (non-finite) becomes a diverged one."""
     import numpy as np
 
-    from steer.train.digits_report import digits_metrics
+    from steer.digits.report import digits_metrics
 
     failures = (ValueError, RuntimeError, np.linalg.LinAlgError)  # non-finite samples
     final = {k: v.detach().clone() for k, v in r.policy.unet.state_dict().items()}

@@ -6,7 +6,7 @@ Run: ``python -m benchmarks.digits [--steps N] [--target C] [--budget both|time|
 grid per method under benchmarks/digits/). rtb is the preset as is (``train.steps`` = ``--steps``);
 its wall time (start to the end of its last optimiser step) is the wall-time budget of every other
 method, its ``steps × batch`` trajectories the trajectory budget. Every figure comes from
-``steer.train.digits_report.digits_metrics``, the function behind the main job's metrics.json.
+``steer.digits.report.digits_metrics``, the function behind the main job's metrics.json.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from benchmarks._digits import (
     Evaluated,
     MethodRun,
     Recorder,
+    Watch,
     evaluate,
     preset,
     short_error,
     table_row,
     target_overrides,
-    watch_loop,
 )
 from benchmarks._report import hardware, markdown_table, write_section
 
@@ -85,11 +85,12 @@ def run_loop_method(
             "first) or use a constant schedule"
         )
     recorder, error, folder = Recorder(limit, by_time, points), None, None
-    with watch_loop(recorder) as runs:
-        try:
-            folder = finetune(cfg)
-        except RuntimeError as err:  # a diverged run is a result too
-            error = short_error(err)
+    watch = Watch(recorder)
+    try:
+        folder = finetune(cfg, callbacks=[watch])
+    except RuntimeError as err:  # a diverged run is a result too
+        error = short_error(err)
+    runs = watch.runs
     if not runs:
         raise RuntimeError(f"{method}: the run stopped before its first round: {error}")
     run = runs[0]
@@ -109,13 +110,13 @@ def run_rejection_ft(
     draw_fraction: float = 0.5,
     extra: Sequence[str] = (),
 ) -> MethodRun:
-    """``steer.train.rejection_ft`` from the preset's prior, reward and sampler, with its batch
+    """``steer.digits.rejection_ft`` from the preset's prior, reward and sampler, with its batch
     size, lr and seed: for ``limit`` seconds (drawing included) or ``limit`` optimiser steps on
     the accepted of ``limit × batch`` prior draws."""
     import torch
 
+    from steer.digits.rejection_ft import RejectionFTConfig, classifier_log_reward, rejection_ft
     from steer.train.models import build_components
-    from steer.train.rejection_ft import RejectionFTConfig, classifier_log_reward, rejection_ft
 
     start = time.perf_counter()
     cfg = preset(_common(target, out, extra))
@@ -267,7 +268,7 @@ def section(args: argparse.Namespace, results: dict[str, list[Evaluated]], secon
         f"{args.steps * cfg.train.batch_size} trajectories: the trajectory budget). At equal "
         "wall time every other method runs until the round that crosses the budget ends; "
         "rejection-ft (the prior fine-tuned with its own DDPM loss on exact posterior samples "
-        f"accepted by rejection, `steer.train.rejection_ft`) spends {args.draw_fraction:.0%} of "
+        f"accepted by rejection, `steer.digits.rejection_ft`) spends {args.draw_fraction:.0%} of "
         "it drawing, the rest training; at equal trajectories it trains as many steps on the "
         "accepted of as many prior draws. vargrad and db target ∝ p(c\\|x)^(1/β) alone (no "
         "prior term), ddpo maximises the reward, dpok adds a KL to the prior: only rtb and "
@@ -311,7 +312,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import steer.train.digits_report as report
+    import steer.digits.report as report
 
     args = parse(argv)
     if args.samples is not None:  # the report's own sample count (tests do the same)

@@ -3,7 +3,7 @@ and ``objective.beta=0.5`` for class 0, each row checked against the main job's 
 
 Run: ``python -m benchmarks.digits_classes [--steps N] [--target C ...] [--beta-half C ...]
 [--jobs 2]`` (writes the "digits-classes" section of benchmarks/README.md). Every figure is read
-from the run's own metrics.json (``steer.train.digits_report``). ``--jobs 2`` runs two classes at a
+from the run's own metrics.json (``steer.digits.report``). ``--jobs 2`` runs two classes at a
 time in separate processes, each with one thread (``OMP_NUM_THREADS=1``); wall times are then
 those of one thread beside another run.
 """
@@ -59,7 +59,7 @@ Job = tuple[int, float, int, str, int | None]  # class, β, steps, output folder
 def run_class(job: Job) -> dict[str, Any]:
     """One run of the preset: its row, or a diverged row (``samples``: the report's sample
     count, ``None`` for its own 256)."""
-    import steer.train.digits_report as report
+    import steer.digits.report as report
     from steer.train.loop import main as finetune
 
     target, beta, steps, out, samples = job
@@ -85,11 +85,17 @@ def _one_thread() -> None:
 def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
     """Every job, in order; ``workers > 1``: that many processes of one thread each."""
     if workers <= 1:
-        return [run_class(job) for job in jobs]
+        return [_shown(run_class(job)) for job in jobs]
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers before torch loads
     ctx = get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread) as pool:
-        return list(pool.map(run_class, jobs))
+        return [_shown(row) for row in pool.map(run_class, jobs)]
+
+
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    """Print a finished row at once (a long benchmark's rows are not lost to a later failure)."""
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def cells(row: dict[str, Any]) -> list[object]:

@@ -20,7 +20,8 @@ import torch
 
 from benchmarks._report import hardware, markdown_table, write_section
 from steer.train.config import load_config
-from steer.train.loop import sample, setup, train_on_batch
+from steer.train.loop import setup
+from steer.train.run import sample, train_on_batch
 
 OBJECTIVES = ("tb", "rtb", "db", "ddpo", "dpok")
 
@@ -46,9 +47,8 @@ class Timer:
 
 
 def _run(objective: str, out: Path, steps: int, batch: int, fraction: float, reps: int):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    # one Accelerator per objective in this process, all at the default mixed_precision ("no"):
+    # accelerate fixes the precision once per process, so none of them may change it
     cfg = load_config(None, [
         "model.pretrained=tiny", f"model.num_inference_steps={steps}", "lora.rank=4",
         "reward.name=jpeg-compressibility", "prompts.builtin=simple-animals",

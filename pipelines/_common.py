@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 from PIL import Image
 from torch import Tensor
 
+from steer.diffusion.schedule import SCHEDULERS, scheduler_from_config
 from steer.trajectory import Trajectory
 
 logger = logging.getLogger("steer.pipelines")
@@ -61,13 +62,13 @@ def check_model_folder(path: str | os.PathLike, components: tuple[str, ...]) -> 
 def load_scheduler(
     path: str | os.PathLike, default: type[SchedulerMixin], **kwargs: Any
 ) -> DDIMScheduler | DDPMScheduler:
-    """The folder's scheduler if it is DDIM or DDPM, else ``default`` built from its config (e.g.
-    Stable Diffusion's PNDM becomes DDIM with the same betas, offset and spacing), logged."""
+    """The folder's scheduler if steer supports it (``steer.diffusion.SCHEDULERS``), else
+    ``default`` built from its config (e.g. Stable Diffusion's PNDM becomes DDIM with the same
+    betas, offset and spacing), logged."""
     config = DDIMScheduler.load_config(path, subfolder="scheduler", **kwargs)
     name = config.get("_class_name", "")
-    if name in ("DDIMScheduler", "DDPMScheduler"):
-        cls = DDIMScheduler if name == "DDIMScheduler" else DDPMScheduler
-        return cls.from_config(config)
+    if name in SCHEDULERS:
+        return scheduler_from_config(config)
     logger.warning(
         "scheduler %s is not supported by steer; using %s with its config", name, default.__name__
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
@@ -40,6 +40,9 @@ class SteerDDPMPipeline(DiffusionPipeline):
 
     Loads any diffusers folder with ``model_index.json``, ``unet/`` and ``scheduler/``.
     """
+
+    # the ``model_index.json`` pipeline classes this one loads (``steer.pipelines.load_pipeline``)
+    loads: ClassVar[tuple[str, ...]] = ("SteerDDPMPipeline", "DDPMPipeline", "DDIMPipeline")
 
     def __init__(self, unet: UNet2DModel, scheduler: DDIMScheduler | DDPMScheduler) -> None:
         super().__init__()

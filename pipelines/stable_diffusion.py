@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import (
@@ -40,6 +40,8 @@ class SteerStableDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderM
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    # the ``model_index.json`` pipeline classes this one loads (``steer.pipelines.load_pipeline``)
+    loads: ClassVar[tuple[str, ...]] = ("SteerStableDiffusionPipeline", "StableDiffusionPipeline")
 
     def __init__(
         self,

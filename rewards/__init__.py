@@ -104,7 +104,7 @@ register(
 )
 register(
     "digits-classifier",
-    _P + "digits:digits_classifier",
+    "steer.digits.classifier:digits_classifier",
     differentiable=True,
     input_size=16,
     source="small CNN trained locally on scikit-learn digits (cached in ~/.cache/steer)",

@@ -5,7 +5,7 @@ Usage: ``python scripts/pretrain_digits.py [--cache-dir DIR] [--steps N] [--forc
 
 import sys
 
-from steer.train.digits import main
+from steer.digits.prior import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

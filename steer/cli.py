@@ -20,9 +20,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toy": ("steer.toy.cli", "train / evaluate diffusion samplers of unnormalised densities"),
     "rewards": ("steer.rewards.cli", "list the reward registry"),
     "finetune": ("steer.train.cli", "fine-tune a diffusion model (default: the digits job)"),
-    "pretrain-digits": ("steer.train.digits", "train the embedded digits prior and classifier"),
+    "pretrain-digits": ("steer.digits.prior", "train the embedded digits prior and classifier"),
     "posterior": (
-        "steer.train.reference",
+        "steer.digits.reference",
         "exact samples of a config's posterior by rejection from its prior; log Z",
     ),
 }

@@ -33,6 +33,8 @@ __all__ = [
     "energy_difference_detailed_balance",
     "modified_detailed_balance",
     "subtrajectory_balance",
+    "group_mean",
+    "group_normalise",
 ]
 
 
@@ -111,7 +113,7 @@ def _check_log_z(log_z: Tensor | float, batch: int) -> Tensor | float:
     )
 
 
-def _group_mean(values: Tensor, group: Tensor | None) -> Tensor:
+def group_mean(values: Tensor, group: Tensor | None) -> Tensor:
     """Mean of ``values [B]`` over the batch, or over each group of equal ids; shape ``[B]``."""
     if group is None:
         return values.mean().expand_as(values)
@@ -127,6 +129,15 @@ def _group_mean(values: Tensor, group: Tensor | None) -> Tensor:
     sums = values.new_zeros(n).index_add(0, inverse, values)
     counts = values.new_zeros(n).index_add(0, inverse, torch.ones_like(values))
     return (sums / counts)[inverse]
+
+
+def group_normalise(values: Tensor, group: Tensor | None, clip: float, eps: float = 1e-6) -> Tensor:
+    """Advantages: ``(r - mean_g) / (std_g + eps)`` per group of equal ids (or the whole batch),
+    clipped to ``[-clip, clip]``. Shape ``[B]``."""
+    ids = torch.zeros_like(values, dtype=torch.long) if group is None else group
+    mean = group_mean(values, ids)  # [B]
+    std = group_mean((values - mean) ** 2, ids).sqrt()  # [B]
+    return ((values - mean) / (std + eps)).clamp(-clip, clip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +171,7 @@ def vargrad(
     log_reward = _check_log_reward(log_reward)
     _same_batch(log_pf=pf, log_pb=pb, log_reward=log_reward)
     log_weight = log_reward + pb - pf  # [B]: a single-sample estimate of log Z
-    return _group_mean(log_weight, group) - log_weight
+    return group_mean(log_weight, group) - log_weight
 
 
 def relative_trajectory_balance(
@@ -188,7 +199,7 @@ def relative_vargrad(
     log_reward = _check_log_reward(log_reward)
     _same_batch(log_pf_post=post, log_pf_prior=prior, log_reward=log_reward)
     log_weight = log_reward + prior - post  # [B]
-    return _group_mean(log_weight, group) - log_weight
+    return group_mean(log_weight, group) - log_weight
 
 
 # --------------------------------------------------------------------------------------------

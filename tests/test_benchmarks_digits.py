@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks._digits import NUMERIC, ROW_KEYS, evaluate, preset, table_row
-from steer.train.config import Config
+from steer.train.config import FinetuneConfig
 from steer.train.models import Components
 
 TINY = (
@@ -22,16 +22,11 @@ TINY = (
 )
 
 
-@pytest.fixture
-def cache(digits_cache: Path) -> Path:
-    return digits_cache
-
-
 def _extra(cache: Path) -> list[str]:
     return [f"model.cache_dir={cache}", f"reward.kwargs.cache_dir={cache}", *TINY]
 
 
-def _parts(cache: Path, tmp_path: Path) -> tuple[Config, Components]:
+def _parts(cache: Path, tmp_path: Path) -> tuple[FinetuneConfig, Components]:
     from steer.train.models import build_components
 
     cfg = preset([*_extra(cache), "reward.kwargs.target=3", f"log.output_dir={tmp_path}"])
@@ -46,13 +41,13 @@ def _check_row(row: dict) -> None:
 
 
 def test_metric_function_gives_a_full_row(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    digits_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from benchmarks.digits_classes import HEADER, cells, class_row
-    from steer.train.digits_report import digits_metrics
+    from steer.digits.report import digits_metrics
 
-    monkeypatch.setattr("steer.train.digits_report.NUM_SAMPLES", 16)
-    cfg, p = _parts(cache, tmp_path)
+    monkeypatch.setattr("steer.digits.report.NUM_SAMPLES", 16)
+    cfg, p = _parts(digits_cache, tmp_path)
     history = [{"step": 1, "log_z": -2.0}]
     m = digits_metrics(cfg, p.policy, p.prior, p.reward, p.decode, history, wall_time=1.5)
     assert m.metrics["num_samples"] == 16 and m.metrics["wall_time_s"] == 1.5
@@ -68,28 +63,28 @@ def test_metric_function_gives_a_full_row(
 
 
 def test_watched_loop_snapshots_and_stops_by_time(
-    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    digits_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from benchmarks.digits import run_loop_method
 
-    monkeypatch.setattr("steer.train.digits_report.NUM_SAMPLES", 8)
-    steps = run_loop_method("rtb", "trajectories", 2, 3, tmp_path / "a", 2, _extra(cache))
+    monkeypatch.setattr("steer.digits.report.NUM_SAMPLES", 8)
+    steps = run_loop_method("rtb", "trajectories", 2, 3, tmp_path / "a", 2, _extra(digits_cache))
     assert steps.error is None and steps.steps == 2 and steps.trajectories == 8
     assert [s.step for s in steps.recorder.snapshots] == [1, 2]
     ev = evaluate(steps, curve_samples=8)
     assert len(ev.curve) == 2 and all(math.isfinite(v) for _, v in ev.curve)
     _check_row(table_row("rtb", "trajectories", ev.metrics, steps.seconds, 2, 8))
     timed = run_loop_method(
-        "vargrad", "wall time", 0.5, 3, tmp_path / "b", 2, _extra(cache), steps_hint=10**6
+        "vargrad", "wall time", 0.5, 3, tmp_path / "b", 2, _extra(digits_cache), steps_hint=10**6
     )
     assert timed.error is None and timed.steps >= 1 and timed.seconds >= 0.5
     assert timed.recorder.snapshots[-1].step == timed.steps  # the stop is the last mark
 
 
-def test_rejection_ft_loss_decreases(cache: Path, tmp_path: Path) -> None:
-    from steer.train.rejection_ft import RejectionFTConfig, classifier_log_reward, rejection_ft
+def test_rejection_ft_loss_decreases(digits_cache: Path, tmp_path: Path) -> None:
+    from steer.digits.rejection_ft import RejectionFTConfig, classifier_log_reward, rejection_ft
 
-    cfg, p = _parts(cache, tmp_path)
+    cfg, p = _parts(digits_cache, tmp_path)
     log_reward = classifier_log_reward(p.reward, p.decode, cfg.objective.beta)
     seen: list[int] = []
     settings = RejectionFTConfig(steps=60, num_draws=256, batch_size=8, lr=2e-3)

@@ -10,12 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import steer.rewards.digits as rd
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("steer_cache")
+import steer.digits.classifier as rd
+from steer.digits.cache import CorruptCacheWarning
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +69,12 @@ def test_corrupted_cache_is_retrained(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(rd, "train_classifier", lambda *a, **k: calls.append(1) or real(*a, **k))
     folder = rd.load_or_train_digits_classifier(tmp_path, config, progress=False)
     (folder / rd.WEIGHTS_FILE).write_bytes(b"not a safetensors file")
-    with pytest.warns(rd.CorruptCacheWarning, match="corrupted"):
+    with pytest.warns(CorruptCacheWarning, match="corrupted"):
         again = rd.load_or_train_digits_classifier(tmp_path, config, progress=False)
     assert again == folder and len(calls) == 2
     rd.load_classifier(folder)  # readable again
     (folder / rd.METRICS_FILE).unlink()  # an incomplete folder is retrained too
-    with pytest.warns(rd.CorruptCacheWarning, match=rd.METRICS_FILE):
+    with pytest.warns(CorruptCacheWarning, match=rd.METRICS_FILE):
         rd.load_or_train_digits_classifier(tmp_path, config, progress=False)
     assert len(calls) == 3 and (folder / rd.METRICS_FILE).is_file()
 

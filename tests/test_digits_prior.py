@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-import steer.train.digits as td
-from steer.rewards.digits import CorruptCacheWarning
-from steer.train.pretrain import (
+import steer.digits.prior as td
+from steer.digits.cache import CorruptCacheWarning
+from steer.digits.pretrain import (
     DDPMTrainConfig,
     ddpm_loss,
     make_scheduler,
@@ -26,11 +26,6 @@ TINY = td.DigitsPriorConfig(
     train=DDPMTrainConfig(steps=3, batch_size=8, warmup_steps=1),
     grid_steps=2,
 )
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("steer_cache")
 
 
 @pytest.fixture(scope="module")

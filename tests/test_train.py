@@ -16,19 +16,10 @@ from safetensors.torch import load_file
 
 import steer.rewards
 from steer.train.config import load_config
-from steer.train.loop import main, sample, setup, train_on_batch, with_replay
+from steer.train.loop import main, setup
+from steer.train.run import sample, train_on_batch, with_replay
 
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator (precision, accumulation)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 class Darkness(steer.rewards.Reward):
@@ -183,6 +174,7 @@ def _slice(batch, i):
     )
 
 
+@pytest.mark.fresh_process("bf16")  # accelerate fixes the precision once per process
 def test_bf16_keeps_trainable_weights_float32(tmp_path: Path) -> None:
     run = setup(_cfg(tmp_path, "train.mixed_precision=bf16", "objective.name=tb"))
     batch = sample(run, torch.Generator().manual_seed(0))
@@ -241,10 +233,7 @@ def test_replay_and_exploration_run(tmp_path: Path) -> None:
         metrics = train_on_batch(run, batch)
         assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert sizes == [2, 4, 4] and len(run.buffer) == 4
-    # and through the loop itself
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    # and through the loop itself (a second Accelerator in this process, same settings)
     out = main(cfg)
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     with pytest.raises(ValueError, match="is on-policy"):
@@ -272,7 +261,7 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def test_dpok_skips_the_deterministic_last_step(tmp_path: Path) -> None:
     """Trailing spacing with set_alpha_to_one: the last DDIM step has σ = 0 (no density). dpok
     trains the stochastic steps only, with finite gradients (it was 0/0 = NaN there)."""
-    from steer.train.loop import collect, trained_steps
+    from steer.train.run import collect, trained_steps
 
     run = setup(_cfg(tmp_path, *_UNCOND, "objective.name=dpok", "model.timestep_spacing=trailing"))
     assert run.parts.policy.schedule.deterministic.tolist() == [False, True]
@@ -334,8 +323,8 @@ def test_ddpo_reuses_each_rollout_and_the_clip_binds(
 ) -> None:
     """A rollout batch serves epochs × minibatches optimiser steps, the ratio against the stored
     log-probs: nothing clipped on the first (on-policy) update, some on the second."""
-    from steer.train.loop import collect
     from steer.train.ppo import ppo_updates
+    from steer.train.run import collect
 
     cfg = _cfg(tmp_path, *_UNCOND, "objective.name=ddpo", f"objective.ppo_epochs={epochs}",
                f"objective.ppo_minibatches={minibatches}")  # fmt: skip
@@ -360,10 +349,11 @@ def test_ddpo_default_is_two_updates_per_round(tmp_path: Path) -> None:
     assert {int(s["step"]) for s in optim["state"].values()} == {4}
 
 
+@pytest.mark.fresh_process("bf16")  # accelerate fixes the precision once per process
 def test_bf16_rollout_matches_rescoring_precision(tmp_path: Path) -> None:
     """Rollouts sample under the same autocast as the re-scoring: the on-policy ddpo ratio is
     1 under bf16 too (a float32 rollout against bf16 re-scoring is off by far more)."""
-    from steer.train.loop import collect
+    from steer.train.run import collect
 
     cfg = _cfg(tmp_path, *_UNCOND, "objective.name=ddpo", "train.mixed_precision=bf16",
                "objective.ppo_minibatches=1")  # fmt: skip
@@ -375,7 +365,7 @@ def test_bf16_rollout_matches_rescoring_precision(tmp_path: Path) -> None:
 
 def test_logged_reward_is_the_fresh_batch(tmp_path: Path, monkeypatch) -> None:
     """With replay, the logged reward averages the fresh rollout, not the replayed rows."""
-    import steer.train.loop as loop
+    import steer.train.run as loop
 
     cfg = _cfg(tmp_path, "objective.name=tb", "train.replay_buffer=4",
                "train.replay_per_batch=2")  # fmt: skip
@@ -391,7 +381,7 @@ def test_logged_reward_is_the_fresh_batch(tmp_path: Path, monkeypatch) -> None:
 
 def test_lr_schedule_warmup_then_cosine_to_the_floor() -> None:
     from steer.train.config import load_config
-    from steer.train.loop import make_lr_scheduler
+    from steer.train.run import make_lr_scheduler
 
     over = ["train.lr_schedule=cosine", "train.steps=10", "train.lr_warmup_steps=2"]
     cfg = load_config(None, [*over, "train.lr_min_ratio=0.2"])

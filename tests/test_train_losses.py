@@ -7,11 +7,21 @@ import torch
 
 from steer import objectives as O
 from steer.train.config import ObjectiveConfig, load_config
-from steer.train.losses import RolloutBatch, StepTerms, TrainObjective, group_normalise
+from steer.objectives import group_normalise
+from steer.train.batch import RolloutBatch, StepTerms
+from steer.train.objectives import make_objective
 from steer.train.modules import FlowNetwork, LogZTable
 from steer.trajectory import Trajectory
 
 B, K = 6, 4
+
+
+def _make(cfg: ObjectiveConfig, log_z, flow):
+    """The objective of ``cfg`` with those of the modules it declares it needs."""
+    needs = cfg.needs
+    return make_objective(
+        cfg, log_z=log_z if needs.log_z else None, flow=flow if needs.flow else None
+    )
 
 
 def _setup(seed: int = 0):
@@ -49,7 +59,7 @@ def test_surrogate_gradient_equals_end_to_end_gradient(name: str, penalty: str) 
     log_z = LogZTable(2, init=0.3).double()
     flow = FlowNetwork(1, width=8).double()
     torch.nn.init.normal_(flow.head[-1].weight)  # non-zero flows
-    obj = TrainObjective(cfg, log_z=log_z, flow=flow)
+    obj = _make(cfg, log_z, flow)
     batch.traj.latents = batch.traj.latents.double()
     # 1. the step-by-step surrogate
     direct, _ = obj.prepare(batch)
@@ -59,7 +69,7 @@ def test_surrogate_gradient_equals_end_to_end_gradient(name: str, penalty: str) 
     surrogate = torch.autograd.grad(total, [theta, log_z.values], allow_unused=True)
     # 2. the objective computed end to end with a differentiable log P_F
     full_pf = torch.stack([log_pf_of(k) for k in range(K)], 1)
-    loss, _ = TrainObjective(cfg, log_z=log_z, flow=flow)._loss_of_log_pf(batch, full_pf)
+    loss, _ = _make(cfg, log_z, flow).loss_of_log_pf(batch, full_pf)
     exact = torch.autograd.grad(loss, [theta, log_z.values], allow_unused=True)
     torch.testing.assert_close(surrogate[0], exact[0])
     if exact[1] is not None:
@@ -70,8 +80,8 @@ def test_surrogate_gradient_equals_end_to_end_gradient(name: str, penalty: str) 
 def test_batch_log_z_is_vargrad(name: str) -> None:
     """Without a log Z module, tb / rtb use the batch estimate per prompt: (3.2) / (3.7)."""
     theta, batch, log_pf_of = _setup(2)
-    obj = TrainObjective(ObjectiveConfig(name=name))
-    _, residual = obj._loss_of_log_pf(batch, batch.traj.log_pf)
+    obj = make_objective(ObjectiveConfig(name=name))
+    _, residual = obj.loss_of_log_pf(batch, batch.traj.log_pf)
     t = batch.traj
     expected = (
         O.vargrad(t.log_p_init + t.log_pf.sum(1), t.log_pb, batch.log_reward, batch.prompt_index)
@@ -82,13 +92,13 @@ def test_batch_log_z_is_vargrad(name: str) -> None:
     direct, _ = obj.prepare(batch)
     total = direct + sum(obj.step_loss(batch, k, StepTerms(log_pf_of(k)), K) for k in range(K))
     full = torch.stack([log_pf_of(k) for k in range(K)], 1)
-    (exact,) = torch.autograd.grad(obj._loss_of_log_pf(batch, full)[0], theta)
+    (exact,) = torch.autograd.grad(obj.loss_of_log_pf(batch, full)[0], theta)
     torch.testing.assert_close(torch.autograd.grad(total, theta)[0], exact)
 
 
 def test_subset_of_steps_is_unbiased() -> None:
     theta, batch, log_pf_of = _setup(1)
-    obj = TrainObjective(ObjectiveConfig(name="tb"), log_z=LogZTable(2).double())
+    obj = make_objective(ObjectiveConfig(name="tb"), log_z=LogZTable(2).double())
     obj.prepare(batch)
     full = sum(obj.step_loss(batch, k, StepTerms(log_pf_of(k)), K) for k in range(K))
     (g_full,) = torch.autograd.grad(full, theta)
@@ -103,7 +113,7 @@ def test_subset_of_steps_is_unbiased() -> None:
 def test_ddpo_ratio_is_one_on_policy_and_clipped() -> None:
     _, batch, log_pf_of = _setup()
     batch.advantages = group_normalise(batch.raw_reward, batch.prompt_index, 5.0)
-    obj = TrainObjective(ObjectiveConfig(name="ddpo", clip_range=0.1, ratio_per_dim=False))
+    obj = make_objective(ObjectiveConfig(name="ddpo", clip_range=0.1, ratio_per_dim=False))
     obj.prepare(batch)
     on_policy = obj.step_loss(batch, 0, StepTerms(batch.traj.log_pf[:, 0]), 1)
     torch.testing.assert_close(on_policy, -batch.advantages.mean())
@@ -115,7 +125,7 @@ def test_ddpo_ratio_is_one_on_policy_and_clipped() -> None:
 def test_dpok_kl_is_the_closed_form_gaussian_kl() -> None:
     _, batch, _ = _setup()
     batch.advantages = torch.zeros(B, dtype=torch.float64)
-    obj = TrainObjective(ObjectiveConfig(name="dpok", kl_weight=1.0))
+    obj = make_objective(ObjectiveConfig(name="dpok", kl_weight=1.0))
     mean, prior_mean = (
         torch.randn(B, 3, dtype=torch.float64),
         torch.randn(B, 3, dtype=torch.float64),
@@ -141,7 +151,7 @@ def test_rtb_identity_through_the_trainer() -> None:
     with torch.no_grad():
         log_z.values.fill_(0.4)
     batch.traj.log_pf = batch.log_pf_prior + ((batch.log_reward - 0.4) / K)[:, None]
-    obj = TrainObjective(ObjectiveConfig(name="rtb"), log_z=log_z)
+    obj = make_objective(ObjectiveConfig(name="rtb"), log_z=log_z)
     loss, metrics = obj.prepare(batch)
     assert loss.item() < 1e-20 and metrics["residual_abs"] < 1e-10
     d = O.relative_trajectory_balance(batch.traj.log_pf, batch.log_pf_prior, batch.log_reward, 0.4)
@@ -211,8 +221,7 @@ def test_a_deterministic_last_step_enters_no_objective(name: str) -> None:
         flow = FlowNetwork(1, width=8).double()
         torch.manual_seed(0)
         torch.nn.init.normal_(flow.head[-1].weight)
-        obj = TrainObjective(ObjectiveConfig(name=name), log_z=LogZTable(2, 0.3).double(),
-                             flow=flow)  # fmt: skip
+        obj = _make(ObjectiveConfig(name=name), LogZTable(2, 0.3).double(), flow)
         loss, metrics = obj.prepare(batch)
         total = loss + sum(obj.step_loss(batch, k, StepTerms(log_pf_of(k)), K) for k in range(K))
         (grad,) = torch.autograd.grad(total, theta)
@@ -227,7 +236,7 @@ def test_a_deterministic_step_before_a_stochastic_one_is_refused() -> None:
     _, batch, _ = _setup()
     batch.traj.deterministic = torch.tensor([False, True, False, False])
     with pytest.raises(ValueError, match=r"steps \[1\] of 4 are deterministic"):
-        TrainObjective(ObjectiveConfig(name="tb"), log_z=LogZTable(2, 0.0).double()).prepare(batch)
+        make_objective(ObjectiveConfig(name="tb"), log_z=LogZTable(2, 0.0).double()).prepare(batch)
 
 
 def test_baselines_normalise_by_the_stochastic_steps() -> None:
@@ -239,7 +248,7 @@ def test_baselines_normalise_by_the_stochastic_steps() -> None:
     mean = torch.zeros(B, 3, dtype=torch.float64)
     std = torch.full((B,), 0.5, dtype=torch.float64)
     for name, expected in (("ddpo", -1.0), ("dpok", -(K - 1.0))):
-        obj = TrainObjective(ObjectiveConfig(name=name, kl_weight=0.0))
+        obj = make_objective(ObjectiveConfig(name=name, kl_weight=0.0))
         losses = [
             obj.step_loss(batch, k, StepTerms(batch.traj.log_pf[:, k], mean, std, mean), K - 1)
             for k in range(K - 1)
@@ -250,9 +259,9 @@ def test_baselines_normalise_by_the_stochastic_steps() -> None:
 def test_ratio_is_against_the_stored_log_probs() -> None:
     _, batch, _ = _setup()
     new = batch.traj.log_pf[:, 1] + 0.32
-    full = TrainObjective(ObjectiveConfig(name="dpok")).ratio(batch, 1, new)
+    full = make_objective(ObjectiveConfig(name="dpok")).ratio(batch, 1, new)
     torch.testing.assert_close(full, torch.full((B,), 0.32, dtype=torch.float64).exp())
-    per_dim = TrainObjective(ObjectiveConfig(name="ddpo")).ratio(batch, 1, new)
+    per_dim = make_objective(ObjectiveConfig(name="ddpo")).ratio(batch, 1, new)
     torch.testing.assert_close(per_dim, torch.full((B,), 0.02, dtype=torch.float64).exp())
 
 

@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import Tensor, nn
 
+from steer.diffusion.families import ModelFamily, family_of, register_family
 from steer.diffusion.lora import adapters_disabled, is_adapter_param
 from steer.diffusion.schedule import StepSchedule, gaussian_log_prob, make_schedule
 
@@ -73,11 +74,7 @@ class DiffusionPolicy(nn.Module):
         use_adapters: bool = True,
     ) -> None:
         super().__init__()
-        inner = _unwrap(unet)
-        if not isinstance(inner, (UNet2DModel, UNet2DConditionModel)):
-            raise TypeError(
-                f"unet must be a UNet2DModel or UNet2DConditionModel, got {type(inner).__name__}"
-            )
+        family = family_of(unet)  # TypeError naming the known denoisers
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a float >= 0, got {guidance_scale!r}")
         self.unet = unet
@@ -85,7 +82,8 @@ class DiffusionPolicy(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.negative_embeds = negative_embeds
         self.use_adapters = use_adapters
-        self.conditional = isinstance(inner, UNet2DConditionModel)
+        self.family = family.name
+        self.conditional = family.conditional
         self.schedule = make_schedule(scheduler, num_inference_steps, eta)
         object.__setattr__(self, "_deterministic_map", None)  # not a submodule: no shared params
         self.frozen_tail = 0  # the last N steps, stochastic or not, also taken by the map
@@ -205,7 +203,9 @@ class DiffusionPolicy(nn.Module):
         """(negative, positive) embeddings ``[B, L, D]`` (negative is None without guidance)."""
         if not self.conditional:
             if cond is not None:
-                raise ValueError("cond must be None for an unconditional UNet2DModel")
+                raise ValueError(
+                    f"cond must be None for an unconditional {type(_unwrap(self.unet)).__name__}"
+                )
             return None, None
         if not isinstance(cond, Tensor) or cond.ndim not in (3, 4) or cond.shape[0] != batch:
             got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
@@ -401,3 +401,8 @@ def require_frozen(prior: DiffusionPolicy) -> DiffusionPolicy:
                 "only and use policy.frozen_prior()"
             )
     return prior
+
+
+# the two UNet families of Stable Diffusion 1.x/2.x and of unconditional pixel/latent priors
+register_family(ModelFamily("unet", UNet2DModel, DiffusionPolicy, conditional=False))
+register_family(ModelFamily("unet-text", UNet2DConditionModel, DiffusionPolicy, conditional=True))

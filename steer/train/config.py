@@ -13,7 +13,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-OBJECTIVES = ("tb", "rtb", "db", "vargrad", "subtb", "ddpo", "dpok")
+from steer.config import load_structured
+from steer.train.objectives import Needs, objective_class
+
 PENALTIES = ("squared", "huber", "log_cosh")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "none")
@@ -41,6 +43,9 @@ class ModelConfig:
     eta: float = 1.0
     guidance_scale: float = 1.0
     timestep_spacing: str | None = None  # leading | trailing | linspace; None keeps the model's
+    # the sampler fine-tuned, over the model's own noise schedule (DDIM's η family; a
+    # DDPM-scheduled model is sampled by DDIM too unless this says DDPMScheduler)
+    scheduler: str = "DDIMScheduler"
     gradient_checkpointing: bool = False
     cache_dir: str | None = None
     # the last N steps sample from the frozen prior: fine-tuning acts on the first K - N steps
@@ -60,6 +65,9 @@ class ModelConfig:
                 f"got {self.prior_tail_steps}"
             )
         _positive("model.guidance_scale", self.guidance_scale, strict=False)
+        from steer.diffusion.schedule import SUPPORTED_SCHEDULERS
+
+        _choice("model.scheduler", self.scheduler, SUPPORTED_SCHEDULERS)
         if self.timestep_spacing is not None:
             _choice("model.timestep_spacing", self.timestep_spacing,
                     ("leading", "trailing", "linspace"))  # fmt: skip
@@ -103,7 +111,6 @@ class ObjectiveConfig:
     log_z_init: float = 0.0
     log_z_mode: str = "auto"  # table (fixed prompt set) | network (open set) | batch | auto
     flow_lr: float = 1e-3
-    flow_ema: float = 0.0  # 0 disables the EMA target of F̃ (db)
     subtb_lambda: float = 0.9
     train_fraction: float = 1.0  # fraction of the K steps re-scored with grad per trajectory
     clip_range: float = 1e-4  # ddpo PPO-clip range on the per-step ratio
@@ -114,7 +121,7 @@ class ObjectiveConfig:
     ppo_minibatches: int | None = None  # per pass, one update each; None: 2 (ddpo), 1 (dpok)
 
     def __post_init__(self) -> None:
-        _choice("objective.name", self.name, OBJECTIVES)
+        objective_class(self.name)  # a registered objective, else the valid names
         for name in ("ppo_epochs", "ppo_minibatches"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -129,15 +136,18 @@ class ObjectiveConfig:
         _positive("objective.subtb_lambda", self.subtb_lambda, strict=False)
         _positive("objective.clip_range", self.clip_range)
         _positive("objective.kl_weight", self.kl_weight, strict=False)
-        if not 0 <= self.flow_ema < 1:
-            raise ValueError(f"objective.flow_ema must be in [0, 1), got {self.flow_ema}")
+
+    @property
+    def needs(self) -> Needs:
+        """What the named objective asks of the run (``steer.train.objectives.Needs``)."""
+        return objective_class(self.name).needs
 
     @property
     def minibatches(self) -> int:
-        """``ppo_minibatches``, or its default when unset: 2 for ddpo, 1 otherwise."""
+        """``ppo_minibatches``, or the objective's default when unset (ddpo 2, others 1)."""
         if self.ppo_minibatches is not None:
             return self.ppo_minibatches
-        return 2 if self.name == "ddpo" else 1
+        return objective_class(self.name).default_minibatches
 
 
 @dataclass
@@ -167,7 +177,7 @@ class PromptConfig:
 
 
 @dataclass
-class TrainConfig:
+class OptimConfig:
     """The optimisation: sizes, steps, precision, seeds."""
 
     steps: int = 100  # rounds of grad_accum rollouts, one optimiser step each (ddpo/dpok: more)
@@ -223,9 +233,14 @@ class LogConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str | None = None  # "latest" or a path
+    # "module:function" called as function(run, wall_time) on the main process after the run,
+    # returning a summary to print (the digits job: steer.digits.report:report_run)
+    report: str | None = None
 
     def __post_init__(self) -> None:
         _choice("log.tracker", self.tracker, TRACKERS)
+        if self.report is not None and ":" not in self.report:
+            raise ValueError(f"log.report must look like module:function, got {self.report!r}")
         if self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"log.checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
@@ -233,24 +248,26 @@ class LogConfig:
 
 
 @dataclass
-class Config:
+class FinetuneConfig:
+    """A fine-tuning run: one section per component (``model.*``, ``lora.*``, ...)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        mb = self.objective.minibatches
-        if self.objective.name in ("ddpo", "dpok") and self.train.batch_size % mb:
+        mb, on_policy = self.objective.minibatches, self.objective.needs.on_policy
+        if on_policy and self.train.batch_size % mb:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} must be divisible by "
                 f"objective.ppo_minibatches={mb}"
             )
         off_policy = self.train.replay_per_batch > 0 or self.train.exploration_scale > 0
-        if off_policy and self.objective.name in ("ddpo", "dpok"):
+        if off_policy and on_policy:
             raise ValueError(
                 f"objective.name={self.objective.name!r} is on-policy: set train.replay_per_batch=0"
                 " and train.exploration_scale=0 (off-policy data needs a GFlowNet objective)"
@@ -263,17 +280,10 @@ class Config:
         return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults ← YAML file ← ``a.b=value`` overrides, type-checked, then validated."""
-    merged = OmegaConf.structured(Config)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides must look like a.b=value, got {bad}")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> FinetuneConfig:
+    """Defaults ← YAML file ← ``a.b=value`` overrides, type-checked, then validated
+    (:func:`steer.config.load_structured`; its :class:`~steer.config.ConfigError` is a
+    ``ValueError``)."""
+    return load_structured(FinetuneConfig, path, overrides)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import copy
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from steer.diffusion import DiffusionPolicy, add_lora, require_frozen
-from steer.train.config import Config
+from steer.diffusion import (
+    DiffusionPolicy,
+    add_lora,
+    denoiser_of,
+    family_of,
+    make_policy,
+    require_frozen,
+    scheduler_from_config,
+)
+from steer.train.config import FinetuneConfig, ModelConfig
 from steer.train.modules import FlowNetwork, LogZNetwork, LogZTable
 from steer.train.prompts import load_prompts
 from steer.train.sampling import Conditioning, Decode
@@ -44,24 +52,31 @@ def _latent_decoder(pipe: Any) -> Decode:
     return decode
 
 
-def load_pipeline(cfg: Config) -> Any:
-    """``digits`` | ``tiny`` | ``tiny-unconditional`` | a hub id or folder → a steer pipeline."""
-    from steer.pipelines import SteerDDPMPipeline, SteerStableDiffusionPipeline
+def _call(target: str, *args: Any, **kwargs: Any) -> Any:
+    """``module:function(*args, **kwargs)``, imported on use."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+
+# ``model.pretrained`` names that are built rather than loaded (each imported on use only)
+BUILTIN_MODELS: dict[str, Callable[[ModelConfig], Any]] = {
+    # the embedded default: the digits application's prior, trained on first use
+    "digits": lambda m: _call("steer.digits.prior:digits_pipeline", m.cache_dir),
+    # random tiny pipelines for tests, seeded: the same weights on every process
+    "tiny": lambda m: _call("steer.testing:tiny_sd_pipeline", seed=0),
+    "tiny-unconditional": lambda m: _call("steer.testing:tiny_ddpm_pipeline"),
+}
+
+
+def load_pipeline(cfg: FinetuneConfig) -> Any:
+    """A built-in model (``BUILTIN_MODELS``), or a hub id or folder loaded with the steer
+    pipeline its ``model_index.json`` names."""
+    from steer.pipelines import load_pipeline as load
 
     name = cfg.model.pretrained
-    if name == "digits":
-        from steer.train.digits import load_or_train_digits_prior
-
-        return SteerDDPMPipeline.from_pretrained(load_or_train_digits_prior(cfg.model.cache_dir))
-    if name in ("tiny", "tiny-unconditional"):
-        from steer import testing
-
-        # seeded: the same tiny weights on every process
-        return testing.tiny_sd_pipeline(seed=0) if name == "tiny" else testing.tiny_ddpm_pipeline()
-    path = Path(name)
-    is_sd = (path / "text_encoder").is_dir() if path.is_dir() else True
-    cls = SteerStableDiffusionPipeline if is_sd else SteerDDPMPipeline
-    return cls.from_pretrained(name, revision=cfg.model.revision)
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name](cfg.model)
+    return load(name, revision=cfg.model.revision)
 
 
 def _encode_prompts(pipe: Any, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -71,16 +86,18 @@ def _encode_prompts(pipe: Any, prompts: list[str], device: torch.device) -> tupl
     return embeds.float().to(device), pooled.float().to(device)
 
 
-def build_components(cfg: Config, device: torch.device) -> Components:
+def build_components(cfg: FinetuneConfig, device: torch.device) -> Components:
     """Load the model, add LoRA (or prepare full fine-tuning), the frozen prior, the reward."""
     import steer.rewards
 
     pipe = load_pipeline(cfg)
     pipe.to(device)
-    unet = pipe.unet
-    conditional = isinstance(unet, UNet2DConditionModel)
+    unet = denoiser_of(pipe)
+    conditional = family_of(unet).conditional
+    # the sampler of fine-tuning: model.scheduler over the model's own noise schedule
     spacing = cfg.model.timestep_spacing or pipe.scheduler.config.get("timestep_spacing", "leading")
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    scheduler = scheduler_from_config(pipe.scheduler.config, cfg.model.scheduler,
+                                      timestep_spacing=spacing)  # fmt: skip
     # 1. prompts (conditional models only)
     prompts = load_prompts(cfg.prompts)
     if conditional and prompts is None:
@@ -112,13 +129,13 @@ def build_components(cfg: Config, device: torch.device) -> Components:
             alpha=cfg.lora.alpha,
             target_modules=list(cfg.lora.target_modules),
         )
-        policy = DiffusionPolicy(unet, scheduler, **kwargs)
+        policy = make_policy(unet, scheduler, **kwargs)
         prior = policy.frozen_prior()
     else:
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()
         unet.requires_grad_(True)
-        policy = DiffusionPolicy(unet, scheduler, **kwargs)
-        prior = require_frozen(DiffusionPolicy(frozen, scheduler, **kwargs))
+        policy = make_policy(unet, scheduler, **kwargs)
+        prior = require_frozen(make_policy(frozen, scheduler, **kwargs))
     # the σ = 0 steps (the last one with set_alpha_to_one) keep the prior's map (§2, (b))
     policy.deterministic_map = prior
     policy.frozen_tail = cfg.model.prior_tail_steps
@@ -134,12 +151,12 @@ def build_components(cfg: Config, device: torch.device) -> Components:
 
 
 def build_objective_modules(
-    cfg: Config, parts: Components, device: torch.device
+    cfg: FinetuneConfig, parts: Components, device: torch.device
 ) -> tuple[nn.Module | None, nn.Module | None]:
-    """``log Z`` (tb, rtb) and the flow network ``F̃`` (db, subtb), on ``device``."""
-    name, cond = cfg.objective.name, parts.cond
+    """``log Z`` and the flow network ``F̃``, where the objective needs them, on ``device``."""
+    needs, cond = cfg.objective.needs, parts.cond
     log_z = flow = None
-    if name in ("tb", "rtb") and cfg.objective.log_z_mode != "batch":
+    if needs.log_z and cfg.objective.log_z_mode != "batch":
         n = 1 if cond.prompts is None else len(cond.prompts)
         mode = cfg.objective.log_z_mode
         if mode == "auto":
@@ -151,7 +168,7 @@ def build_objective_modules(
             if mode == "table"
             else LogZNetwork(cond.pooled.shape[1], init=cfg.objective.log_z_init)
         )
-    if name in ("db", "subtb"):
+    if needs.flow:
         channels = parts.policy.sample_shape[0]
         cond_dim = 0 if cond.pooled is None else cond.pooled.shape[1]
         flow = FlowNetwork(channels, cond_dim=cond_dim)

@@ -13,13 +13,13 @@ from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 from torch import Tensor
 
-from steer.train.config import Config
+from steer.train.config import FinetuneConfig
 
 if TYPE_CHECKING:
-    from steer.train.loop import Run
+    from steer.train.run import Run
 
 
-def start_run(cfg: Config, acc: Accelerator) -> Path:
+def start_run(cfg: FinetuneConfig, acc: Accelerator) -> Path:
     """The run folder ``output_dir/run_name``: a new one when the name is taken (never overwrite
     a run), or the existing one when resuming. Writes and prints the resolved config."""
     root = Path(cfg.log.output_dir)

@@ -14,22 +14,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from steer.train.loop import (
+from steer.train.batch import RolloutBatch, select
+from steer.train.run import (
     Run,
-    _handle_nonfinite,
     collect,
     fresh_reward,
+    handle_nonfinite,
     step_or_skip,
     train_on_batch,
 )
-from steer.train.losses import RolloutBatch
-from steer.train.replay import _select
 from steer.train.sampling import NonFiniteError
 
 
 def select_rows(batch: RolloutBatch, rows: Tensor) -> RolloutBatch:
     """The rows ``rows`` of a rollout batch (their prompts kept for error reports)."""
-    sub = _select(batch, rows.to(batch.log_reward.device))
+    sub = select(batch, rows.to(batch.log_reward.device))
     prompts = batch.extras.get("prompts")
     if prompts is not None:
         sub.extras["prompts"] = [prompts[i] for i in rows.tolist()]
@@ -54,7 +53,7 @@ def _train(run: Run, batch: RolloutBatch) -> list[dict[str, float]]:
     try:
         return [train_on_batch(run, batch)]
     except NonFiniteError as err:
-        _handle_nonfinite(run, err)
+        handle_nonfinite(run, err)
         return []
 
 
@@ -85,7 +84,7 @@ def ppo_round(run: Run) -> tuple[list[float], dict[str, float]]:
         try:
             fresh, batch = collect(run)
         except NonFiniteError as err:
-            _handle_nonfinite(run, err)
+            handle_nonfinite(run, err)
             continue
         rewards.append(fresh_reward(run, fresh))
         batches.append(batch)

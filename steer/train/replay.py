@@ -7,34 +7,14 @@ the current weights; their rewards, ``P_B`` and prior log-probs do not change.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from steer.train.losses import RolloutBatch
-from steer.trajectory import Trajectory
+from steer.train.batch import RolloutBatch, concat_batches, select, to_device
 
-_BATCHED = ("raw_reward", "log_reward", "prompt_index", "pooled", "log_reward_pred",
-            "log_pf_prior", "advantages")  # fmt: skip
-
-
-def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
-    """Concatenate rollout batches along the batch dimension (extras are dropped)."""
-    trajs = [b.traj for b in batches]
-    traj_fields = {
-        f.name: torch.cat([getattr(t, f.name) for t in trajs])
-        for f in fields(Trajectory)
-        if f.name not in ("timesteps", "deterministic", "cond", "extras")
-        and getattr(trajs[0], f.name) is not None
-    }
-    traj = replace(trajs[0], cond=None, extras={}, **traj_fields)
-    other = {
-        name: None if getattr(batches[0], name) is None
-        else torch.cat([getattr(b, name) for b in batches])
-        for name in _BATCHED
-    }  # fmt: skip
-    return RolloutBatch(traj=traj, extras={}, **other)
+__all__ = ["ReplayBuffer", "rescore", "concat_batches", "to_device"]
 
 
 class ReplayBuffer:
@@ -53,22 +33,11 @@ class ReplayBuffer:
         new = to_device(replace(batch, extras={}), "cpu")
         merged = new if self.batch is None else concat_batches([self.batch, new])
         keep = slice(max(0, len(merged.traj.log_pf) - self.capacity), None)
-        self.batch = _select(merged, keep)
+        self.batch = select(merged, keep)
 
     def sample(self, n: int, generator: torch.Generator) -> RolloutBatch:
         idx = torch.randint(len(self), (n,), generator=generator)
-        return _select(self.batch, idx)
-
-
-def _select(batch: RolloutBatch, idx: Tensor | slice) -> RolloutBatch:
-    other = {n: None if getattr(batch, n) is None else getattr(batch, n)[idx] for n in _BATCHED}
-    return RolloutBatch(traj=batch.traj[idx], extras={}, **other)
-
-
-def to_device(batch: RolloutBatch, device: torch.device | str) -> RolloutBatch:
-    other = {n: None if getattr(batch, n) is None else getattr(batch, n).to(device)
-             for n in _BATCHED}  # fmt: skip
-    return RolloutBatch(traj=batch.traj.to(device), extras=batch.extras, **other)
+        return select(self.batch, idx)
 
 
 def rescore(batch: RolloutBatch, policy, embeds: Tensor | None) -> RolloutBatch:

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from steer.diffusion import DiffusionPolicy, rollout
-from steer.train.config import Config
-from steer.train.losses import RolloutBatch, group_normalise
+from steer.train.batch import RolloutBatch
+from steer.train.config import FinetuneConfig
+from steer.train.objectives import FinetuneObjective, make_objective
 
 Decode = Callable[[Tensor], Tensor]  # latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1]
 
@@ -78,7 +79,7 @@ def prior_log_probs(
 
 
 def sample_batch(
-    cfg: Config,
+    cfg: FinetuneConfig,
     policy: DiffusionPolicy,
     prior: DiffusionPolicy | None,
     reward,
@@ -87,16 +88,18 @@ def sample_batch(
     generator: torch.Generator,
     gather: Callable[[Tensor], Tensor],
     rank: int = 0,
+    objective: FinetuneObjective | None = None,
 ) -> RolloutBatch:
-    """One rollout of ``cfg.train.batch_size`` trajectories, rewarded, ready for the objective."""
-    b, name = cfg.train.batch_size, cfg.objective.name
+    """One rollout of ``cfg.train.batch_size`` trajectories, rewarded, with what ``objective``
+    declares it needs (default: the objective the config names, built without modules)."""
+    b = cfg.train.batch_size
+    needs = cfg.objective.needs if objective is None else objective.needs
     device = policy.device
     decode = _float32(decode, device)  # only the UNet passes follow the caller's autocast
     # 1. prompts and the rollout (no grad)
     idx = cond.draw(b, generator)
     embeds = None if idx is None else cond.embeds[idx].to(device)
     prompts = None if idx is None else [cond.prompts[i] for i in idx.tolist()]
-    needs_pred = name in ("db", "subtb")
     noise = None
     if cfg.train.exploration_scale > 0:  # off-policy exploration: σ × (1 + scale)
         shape = (b, cfg.model.num_inference_steps, *policy.sample_shape)
@@ -109,7 +112,7 @@ def sample_batch(
             num_inference_steps=cfg.model.num_inference_steps,
             eta=cfg.model.eta,
             generator=generator,
-            keep_pred_x0=needs_pred,
+            keep_pred_x0=needs.reward_pred,
             noise=None if noise is None else noise.to(device),
         )
         # 2. the reward of x_0, and of x̂_θ(x_k) at every visited state for db / subtb
@@ -124,7 +127,7 @@ def sample_batch(
         raw = score(reward, images, prompts)  # [B]
         log_reward = raw / cfg.objective.beta
         log_reward_pred = None
-        if needs_pred:
+        if needs.reward_pred:
             k = traj.num_steps
             flat = traj.pred_x0.flatten(0, 1)  # [B*K, ...]
             rep = None if prompts is None else [p for p in prompts for _ in range(k)]
@@ -133,7 +136,7 @@ def sample_batch(
         # 3. the frozen prior's log-probs on the same trajectory (rtb): one no-grad pass per
         # step the policy took itself; the steps its frozen map (the prior) took score the same
         log_pf_prior = None
-        if name == "rtb":
+        if needs.prior_log_probs:
             log_pf_prior = prior_log_probs(policy, prior, traj, embeds)  # [B, K]
     for term, values in (("reward", raw), ("reward of x̂", log_reward_pred)):
         if values is not None and not bool(torch.isfinite(values).all()):
@@ -141,11 +144,13 @@ def sample_batch(
             raise NonFiniteError(term, bad, None if prompts is None else [prompts[i] for i in bad])
     # 4. advantages from rewards gathered over every process, normalised per prompt
     advantages = None
-    if name in ("ddpo", "dpok"):
+    if needs.advantages:
         group = None if idx is None else idx.to(device)
         all_raw = gather(raw)
         all_group = None if group is None else gather(group)
-        advantages = group_normalise(all_raw, all_group, cfg.objective.advantage_clip)
+        if objective is None:
+            objective = make_objective(cfg.objective)
+        advantages = objective.advantages(all_raw, all_group)
         advantages = advantages[rank * b : (rank + 1) * b]  # this process's rows
     return RolloutBatch(
         traj=traj,

@@ -2,7 +2,7 @@
 
 Prior draws accepted by rejection (``steer.diffusion.exact_posterior``, §7) are exact samples of
 ``∝ p_prior(x) r(x)``; fine-tuning the prior's UNet on them with its own denoising loss (DDPM
-ε-prediction, ``steer.train.pretrain.ddpm_loss``), from the prior's weights, moves the model
+ε-prediction, ``steer.digits.pretrain.ddpm_loss``), from the prior's weights, moves the model
 toward the posterior without any reward gradient or trajectory objective. The budget is either a
 wall time (``draw_fraction`` of it spent drawing, the rest training) or a number of optimiser
 steps with a number of prior draws (equal trajectories: ``steps × batch_size`` draws by default).
@@ -193,7 +193,7 @@ def _train(
 ) -> tuple[list[float], list[float]]:
     """AdamW on the DDPM loss of random minibatches of ``data`` until the budget is spent;
     returns the per-step losses and the seconds at the end of each step."""
-    from steer.train.pretrain import ddpm_loss
+    from steer.digits.pretrain import ddpm_loss
 
     opt = torch.optim.AdamW(unet.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(50_000 + settings.seed)

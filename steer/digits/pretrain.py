@@ -8,7 +8,6 @@ moving average (EMA) of the weights is what gets saved.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -189,29 +188,13 @@ def sample_ddim(
     return torch.cat(out)  # [N, C, H, W]
 
 
-def save_ddpm_folder(
-    unet: UNet2DModel,
-    scheduler: DDPMScheduler,
-    folder: str | Path,
-    pipeline_class: str = "SteerDDPMPipeline",
-) -> Path:
-    """Write a diffusers pipeline folder: ``model_index.json`` + ``unet/`` + ``scheduler/``.
+def save_ddpm_folder(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | Path) -> Path:
+    """Write a diffusers pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) with
+    ``SteerDDPMPipeline.save_pretrained``; ``DDPMPipeline.from_pretrained(folder)`` loads it."""
+    from steer.pipelines import SteerDDPMPipeline
 
-    ``DDPMPipeline.from_pretrained(folder)`` loads it whatever ``pipeline_class`` names.
-    """
-    import diffusers
-
-    folder = Path(folder)
-    unet.save_pretrained(folder / "unet")
-    scheduler.save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": pipeline_class,
-        "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", type(unet).__name__],
-        "scheduler": ["diffusers", type(scheduler).__name__],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return folder
+    SteerDDPMPipeline(unet, scheduler).save_pretrained(folder)
+    return Path(folder)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 2) -> Path:

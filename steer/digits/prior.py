@@ -2,7 +2,7 @@
 
 ``steer pretrain-digits`` (and ``scripts/pretrain_digits.py``) trains, or finds in the cache, both
 the prior (a diffusers pipeline folder: ``model_index.json``, ``unet/``, ``scheduler/``) and the
-digits classifier of :mod:`steer.rewards.digits`, then prints where they are. The cache is
+digits classifier of :mod:`steer.digits.classifier`, then prints where they are. The cache is
 ``--cache-dir``, else ``$STEER_CACHE``, else ``~/.cache/steer``.
 """
 
@@ -17,15 +17,13 @@ from pathlib import Path
 
 import torch
 
-from steer.rewards.digits import (
-    cache_root,
-    cached_folder,
-    config_folder,
+from steer.digits.cache import cache_root, cached_folder, config_folder
+from steer.digits.classifier import (
     digits_classifier,
     load_digits_dataset,
     load_or_train_digits_classifier,
 )
-from steer.train.pretrain import (
+from steer.digits.pretrain import (
     DDPMTrainConfig,
     make_scheduler,
     make_unet,
@@ -142,6 +140,14 @@ def load_or_train_digits_prior(
         print(f"digits prior: saved to {folder}")
 
     return cached_folder(folder, "digits prior", _check_prior, build, force)
+
+
+def digits_pipeline(cache_dir: str | os.PathLike[str] | None = None):
+    """The embedded default model (``model.pretrained=digits``): the cached prior as a
+    ``SteerDDPMPipeline``, trained on first use."""
+    from steer.pipelines import SteerDDPMPipeline
+
+    return SteerDDPMPipeline.from_pretrained(load_or_train_digits_prior(cache_dir))
 
 
 def evaluate_prior_classes(

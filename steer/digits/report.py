@@ -22,8 +22,8 @@ from steer.train.outputs import diversity
 
 if TYPE_CHECKING:
     from steer.diffusion import DiffusionPolicy
-    from steer.train.config import Config
-    from steer.train.loop import Run
+    from steer.train.config import FinetuneConfig
+    from steer.train.run import Run
     from steer.train.sampling import Decode
 
 NUM_SAMPLES = 256
@@ -90,7 +90,7 @@ def save_side_by_side(
 
 
 def posterior_log_weights(
-    cfg: Config,
+    cfg: FinetuneConfig,
     policy: DiffusionPolicy,
     prior: DiffusionPolicy,
     reward: Any,
@@ -168,11 +168,11 @@ class DigitsEvaluation:
 
 
 def exact_reference(
-    cfg: Config, prior: DiffusionPolicy, reward: Any, decode: Decode, n: int
+    cfg: FinetuneConfig, prior: DiffusionPolicy, reward: Any, decode: Decode, n: int
 ) -> tuple[Tensor, Tensor, dict]:
     """The two cached sets of ``n`` exact posterior samples ``[n, 1, H, W]`` in ``[0, 1]`` (the
     second for the noise floor) and their facts (rejection from ``prior``, §7)."""
-    from steer.train.reference import load_or_draw_reference, spec_of
+    from steer.digits.reference import load_or_draw_reference, spec_of
     from steer.train.sampling import score
 
     prior.set_timesteps(cfg.model.num_inference_steps, cfg.model.eta)
@@ -188,7 +188,7 @@ def exact_reference(
 
 def _real_target(reward: Any, target: list[int]) -> tuple[Tensor, Tensor]:
     """Real digits of the target classes ``[M, 1, 16, 16]`` and their classifier features."""
-    from steer.rewards.digits import load_digits_dataset
+    from steer.digits.classifier import load_digits_dataset
 
     images, labels = load_digits_dataset("all")
     real = images[torch.isin(labels, torch.tensor(target))]
@@ -212,7 +212,7 @@ def _log_z_section(exact: dict, log_w: Tensor, history: list[dict[str, float]]) 
 
 
 def digits_metrics(
-    cfg: Config,
+    cfg: FinetuneConfig,
     policy: DiffusionPolicy,
     prior: DiffusionPolicy,
     reward: Any,
@@ -277,6 +277,16 @@ def digits_report(run: Run, wall_time: float) -> dict:
                         wall_time=wall_time)  # fmt: skip
     write_report(ev, run.out)
     return ev.metrics
+
+
+def report_run(run: Run, wall_time: float) -> str | None:
+    """The digits job's end-of-run hook (``log.report``): the report and its summary, for an
+    unconditional model under the digits classifier; otherwise a line saying it is skipped."""
+    if run.cfg.reward.name != "digits-classifier" or run.parts.cond.prompts is not None:
+        return "digits report skipped: it needs the digits-classifier reward and no prompts"
+    m = digits_report(run, wall_time=wall_time)
+    return digits_summary(m) + (f"\nsamples.npz, grid.png, curves.png and metrics.json are in "
+                                f"{run.out}")  # fmt: skip
 
 
 def digits_summary(m: dict) -> str:

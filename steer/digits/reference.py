@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from steer.diffusion import DiffusionPolicy
 from steer.diffusion.posterior import exact_posterior
-from steer.rewards.digits import cache_root, cached_folder
-from steer.train.config import Config
+from steer.digits.cache import cache_root, cached_folder
+from steer.train.config import FinetuneConfig
 
 SAMPLES_FILE, INFO_FILE = "samples.safetensors", "reference.json"
 
@@ -57,7 +57,7 @@ def weights_digest(*modules: nn.Module) -> str:
 
 
 def spec_of(
-    cfg: Config, prior: DiffusionPolicy, num_samples: int, seed: int, reward: object = None
+    cfg: FinetuneConfig, prior: DiffusionPolicy, num_samples: int, seed: int, reward: object = None
 ) -> ReferenceSpec:
     """The reference's key for a config; a reward with resolved ``targets`` (the digits
     classifier) keys by them, so ``{}`` and ``{"target": 0}`` share one reference."""
