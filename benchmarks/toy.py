@@ -20,7 +20,7 @@ import torch
 
 from benchmarks._report import hardware, markdown_table, write_section
 from steer.toy import cli
-from steer.toy.train import TrainConfig
+from steer.toy.train import ToyConfig
 
 # Sendera et al. 2024, best published Δlog Z / Δlog Z_RW (W2 for gmm25).
 PUBLISHED = {
@@ -44,10 +44,10 @@ def run(target: str, budget: float, runs: Path, seed: int = 0) -> None:
 
 def _flags(saved: dict) -> str:
     """The ``steer toy train`` options of a saved run that differ from the defaults (read from
-    its config.json, so the table shows what the run used, not what ``BEST`` says now)."""
+    its config.yaml, so the table shows what the run used, not what ``BEST`` says now)."""
     skip = {"target", "max_time_s", "seed"}  # in the row's own columns / the protocol
     out = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(ToyConfig):
         value = saved.get(f.name, f.default)
         if f.name in skip or value == f.default:
             continue
@@ -64,7 +64,7 @@ def _row(target: str, runs: Path) -> list[object] | None:
     if not path.exists():
         return None
     m = json.loads(path.read_text())
-    options = json.loads((runs / target / "config.json").read_text())["train"]
+    options = dataclasses.asdict(cli.read_run_config(runs / target).train)
     flags = _flags(options)
     pub = PUBLISHED.get(target, ("-", "-", "-"))
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731

@@ -25,14 +25,14 @@ import torch
 from benchmarks._report import hardware, markdown_table, write_section
 from steer.toy.registry import get_target
 from steer.toy.sampler import DiffusionSampler
-from steer.toy.train import TrainConfig, _optimizer, objective_loss
+from steer.toy.train import ToyConfig, _optimizer, objective_loss
 
 BATCH = 300
 
 
 def _sampler() -> tuple[DiffusionSampler, object]:
     target = get_target("gmm25")
-    sampler = DiffusionSampler(TrainConfig(langevin=False).sampler_config(target))
+    sampler = DiffusionSampler(ToyConfig(langevin=False).sampler_config(target))
     for p in sampler.out.parameters():  # a trained-like head (zero at initialisation)
         torch.nn.init.normal_(p, std=0.1)
     return sampler, target
@@ -83,7 +83,7 @@ def main() -> None:
         sampler, target = _sampler()
         if name == "re-score":  # the autograd path: batched second forward + autograd
             sampler._fast = lambda: False  # type: ignore[method-assign]
-        runs[name] = (sampler, target, _optimizer(sampler, TrainConfig()), [])
+        runs[name] = (sampler, target, _optimizer(sampler, ToyConfig()), [])
     for i in range(args.iterations + 10):  # interleaved, so both see the same machine load
         for name, (sampler, target, opt, times) in runs.items():
             t = _iteration(sampler, target, opt, replay=name == "replay")

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from steer.diffusion.schedule import SCHEDULERS, scheduler_from_config
+from steer.images import to_unit
 from steer.trajectory import Trajectory
 
 logger = logging.getLogger("steer.pipelines")
@@ -77,7 +78,7 @@ def load_scheduler(
 
 def to_output(images: Tensor, output_type: str) -> Any:
     """Images in ``[-1, 1]`` ``[B, C, H, W]`` to ``output_type`` (``pt`` stays in ``[0, 1]``)."""
-    images = (images / 2 + 0.5).clamp(0, 1)
+    images = to_unit(images)
     if output_type == "pt":
         return images
     array = images.detach().cpu().permute(0, 2, 3, 1).float().numpy()  # [B, H, W, C]

@@ -102,7 +102,7 @@ class SteerDDPMPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------
     def __call__(
         self,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         num_inference_steps: int = 1000,
         eta: float = 1.0,
         generator: torch.Generator | None = None,
@@ -114,13 +114,20 @@ class SteerDDPMPipeline(DiffusionPipeline):
         grad: bool = False,
         progress: bool = True,
     ) -> SteerPipelineOutput:
-        """Sample ``batch_size`` images; with a DDPMScheduler and ``η = 1`` this is DDPM sampling
-        (the same generator gives diffusers' ``DDPMPipeline`` images)."""
+        """Sample ``batch_size`` images (default: the batch of ``latents``, else 1); with a
+        DDPMScheduler and ``η = 1`` this is DDPM sampling (the same generator gives diffusers'
+        ``DDPMPipeline`` images)."""
         check_output_type(output_type)
         generator = single_generator(generator)
         policy = self.policy(num_inference_steps, eta)
         if isinstance(latents, Tensor):
+            if batch_size is not None and batch_size != latents.shape[0]:
+                raise ValueError(
+                    f"batch_size={batch_size} but latents has batch {latents.shape[0]}: give one "
+                    "or make them agree"
+                )
             batch_size = latents.shape[0]
+        batch_size = 1 if batch_size is None else batch_size
         check_latents(latents, (batch_size, *policy.sample_shape))
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             traj = rollout(

@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from steer.diffusion import DiffusionPolicy, StepCallback, add_lora, check_scheduler, rollout
+from steer.images import to_unit
 from steer.pipelines._common import (
     SteerPipelineOutput,
     check_latents,
@@ -71,8 +72,11 @@ class SteerStableDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderM
             kwargs["scheduler"] = load_scheduler(
                 pretrained_model_name_or_path, DDIMScheduler, **hub
             )
-        kwargs.setdefault("safety_checker", None)
-        kwargs.setdefault("feature_extractor", None)
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if k in kwargs}
+        index = cls.load_config(pretrained_model_name_or_path, **hub)
+        for unused in ("safety_checker", "feature_extractor"):  # SD folders list them: skip them
+            if unused in index:
+                kwargs.setdefault(unused, None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------------------------------------
@@ -131,7 +135,7 @@ class SteerStableDiffusionPipeline(DiffusionPipeline, StableDiffusionLoraLoaderM
             raise ValueError("trajectory has no pred_x0; sample with keep_pred_x0=True")
         steps = list(range(trajectory.num_steps)) if steps is None else steps
         decoded = [self.decode_latents(trajectory.pred_x0[:, k]) for k in steps]
-        return (torch.stack(decoded, dim=1) / 2 + 0.5).clamp(0, 1)
+        return to_unit(torch.stack(decoded, dim=1))
 
     # ------------------------------------------------------------------------------------------
     # LoRA

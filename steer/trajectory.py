@@ -1,12 +1,72 @@
-"""The :class:`Trajectory` record shared by every sampler (diffusion, toy, discrete)."""
+"""The :class:`Trajectory` record shared by every sampler (diffusion, toy, discrete), and the
+contract of their ``rollout`` functions.
+
+Every family samples a batch with one signature::
+
+    rollout(policy, batch_size, *, num_steps=None, generator=None, callback=None, **options)
+        -> Trajectory
+
+(:func:`steer.diffusion.rollout`, :func:`steer.toy.rollout`, :func:`steer.discrete.rollout`).
+``num_steps`` is ``T``: the diffusion rollout sets its schedule with it, the toy and discrete
+rollouts have a fixed ``T`` and only accept that value. ``callback`` is a :data:`StepCallback`,
+called after every step ``k = 0, ..., T-1`` in order.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+__all__ = ["StepCallback", "StepLike", "StepRecord", "Trajectory", "check_batch_size"]
+
+
+class StepLike(Protocol):
+    """What a rollout's callback receives for one step ``k``: the state after it and its
+    ``log P_F``. The diffusion rollout passes its
+    :class:`~steer.diffusion.StepOutput` (which adds ``mean``, ``std``, ``pred_x0``), the toy and
+    discrete rollouts a :class:`StepRecord`."""
+
+    @property
+    def sample(self) -> Tensor:
+        """``[B, ...]`` the state after the step: ``Trajectory.latents[:, k + 1]``."""
+        ...
+
+    @property
+    def log_prob(self) -> Tensor:
+        """``[B]`` ``log P_F`` of the step under the policy (``Trajectory.log_pf[:, k]``)."""
+        ...
+
+
+@dataclass
+class StepRecord:
+    """One step of a toy or discrete rollout, as its callback sees it.
+
+    Attributes:
+        sample: ``[B, ...]`` the state after the step.
+        log_prob: ``[B]`` ``log P_F`` of the step under the policy (not the exploration's).
+        extras: per-sampler data of the step (e.g. ``"action"`` of a discrete step).
+    """
+
+    sample: Tensor
+    log_prob: Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+StepCallback = Callable[[int, float, StepLike], None]
+"""``callback(k, t_k, step)``, called by every ``rollout`` after each step ``k = 0..T-1`` in
+order: ``t_k`` is ``Trajectory.timesteps[k]`` (an int diffusion timestep, a float toy time, the
+discrete step index) and ``step`` a :class:`StepLike`. It observes; its return value is ignored."""
+
+
+def check_batch_size(batch_size: object) -> int:
+    """``batch_size`` as an int, or ``ValueError`` naming it unless it is an int ``>= 1``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return batch_size
 
 
 @dataclass

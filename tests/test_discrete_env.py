@@ -162,3 +162,19 @@ def test_all_trajectories_counts() -> None:
     assert len({tuple(p.tolist()) for p in paths}) == paths.shape[0]
     finals = torch.bincount(paths[:, -1], minlength=env.num_states).double()
     assert torch.allclose(finals, env.log_path_counts.exp())
+
+
+def test_env_does_not_import_the_exact_solvers() -> None:
+    """No import circle: env.py (path counts, random P_B) needs only steer.ops; exact.py
+    imports env and re-exports forward_log_flow and scatter_logsumexp from there."""
+    import ast
+    import inspect
+
+    from steer.discrete import env as env_module
+    from steer.discrete import exact
+
+    tree = ast.parse(inspect.getsource(env_module))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.startswith("steer.discrete") for m in imported), imported
+    assert exact.forward_log_flow is env_module.forward_log_flow

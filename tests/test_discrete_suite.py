@@ -29,3 +29,34 @@ def test_failing_row_gives_nonzero_exit(
 def test_bias_row_needs_a_large_tv() -> None:
     assert not suite.Row("4.1", "g", "s", "misses", 0.01, 0.01, 0.05, at_least=True).passed
     assert suite.Row("4.1", "g", "s", "misses", 0.5, 0.5, 0.05, at_least=True).passed
+
+
+def test_key_value_overrides_and_the_old_flags_agree(capsys: pytest.CaptureFixture[str]) -> None:
+    assert suite.main(["fast=true"]) == 0
+    by_override = capsys.readouterr().out
+    assert suite.main(["--fast"]) == 0
+    assert capsys.readouterr().out == by_override
+    assert by_override.startswith("config: fast=true mlp=true seed=0\n")
+    old = suite.load_exact_config(["--fast", "--no-mlp", "--seed", "3"])
+    new = suite.load_exact_config(["fast=true", "mlp=false", "seed=3"])
+    assert old == new == suite.ExactConfig(fast=True, mlp=False, seed=3)
+    assert suite.load_exact_config([]) == suite.ExactConfig(fast=False, mlp=True, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["seed=one"], "seed='one' has the wrong type (in override 'seed=one'): expected int"),
+        (["fsat=true"], "unknown key 'fsat' (in override 'fsat=true'); did you mean fast?"),
+        (["--fsat"], "unknown option '--fsat'; did you mean --fast?"),
+    ],
+)
+def test_bad_options_print_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["exact", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("steer exact: error: ") and err.count("\n") == 1
+    assert message in err

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from steer.discrete import (
-    OBJECTIVES,
+    DAG_OBJECTIVES,
     BayesNetStructure,
+    DAGTrainConfig,
     HyperGrid,
     MLPPolicy,
     PolicyTable,
     TabularPolicy,
-    TrainConfig,
     corrected_reward,
     discrete_loss,
     sample_trajectories,
@@ -51,14 +51,14 @@ def test_every_residual_vanishes_at_the_exact_optimum(grid: HyperGrid, kind: str
     table = _optimal_table(grid, log_pb)
     gen = torch.Generator().manual_seed(1)
     traj = sample_trajectories(grid, table.log_pf, 256, log_pb, epsilon=0.3, generator=gen)
-    for objective in OBJECTIVES:
+    for objective in DAG_OBJECTIVES:
         assert float(discrete_loss(objective, grid, table, traj)) < 1e-20, objective
     for objective in ("db", "soft_q", "modified_db"):
         assert float(transition_loss(objective, grid, table, log_pb)) < 1e-20, objective
     # a perturbed policy is not optimal: the losses see it
     bad = PolicyTable(torch.log_softmax(table.log_pf * 1.1, 1), table.log_flow, table.log_z)
     rescored = trajectories_from_states(grid, traj.latents, bad.log_pf, log_pb)
-    for objective in OBJECTIVES:
+    for objective in DAG_OBJECTIVES:
         assert float(discrete_loss(objective, grid, bad, rescored)) > 1e-6, objective
 
 
@@ -94,16 +94,16 @@ def test_bad_training_arguments(grid: HyperGrid) -> None:
     with pytest.raises(ValueError, match="objective must be one of"):
         train(grid, "ppo")
     with pytest.raises(ValueError, match="mode='exact' needs a transition objective"):
-        train(grid, "tb", config=TrainConfig(mode="exact", steps=1))
+        train(grid, "tb", config=DAGTrainConfig(mode="exact", steps=1))
     with pytest.raises(ValueError, match="needs a policy with parametrization='q'"):
-        train(grid, "pcl", TabularPolicy(grid), TrainConfig(steps=1))
+        train(grid, "pcl", TabularPolicy(grid), DAGTrainConfig(steps=1))
     with pytest.raises(ValueError, match="epsilon must be in"):
         sample_trajectories(grid, TabularPolicy(grid)().log_pf, 4, epsilon=2.0)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("env_name", ["grid", "bn"])
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", DAG_OBJECTIVES)
 def test_training_reaches_target(
     objective: str, env_name: str, request: pytest.FixtureRequest
 ) -> None:

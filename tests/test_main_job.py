@@ -15,15 +15,7 @@ from steer.train.loop import main
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture
-def cache(digits_cache: Path) -> Path:
-    return digits_cache
-
-
 def _job(cache: Path, out: Path, *extra: str):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
     return load_config(ROOT / "configs" / "digits_rtb.yaml", [
         f"model.cache_dir={cache}", f"reward.kwargs.cache_dir={cache}", "reward.kwargs.target=3",
         "model.num_inference_steps=2", "model.prior_tail_steps=1", "train.steps=2",
@@ -33,15 +25,15 @@ def _job(cache: Path, out: Path, *extra: str):
 
 
 @pytest.mark.slow
-def test_main_job_writes_every_output(cache: Path, tmp_path: Path, monkeypatch) -> None:
-    import steer.train.digits as digits
+def test_main_job_writes_every_output(digits_cache: Path, tmp_path: Path, monkeypatch) -> None:
+    import steer.digits.prior as digits
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached prior must be reused, not retrained")
 
     monkeypatch.setattr(digits, "train_digits_prior", no_training)
-    monkeypatch.setattr("steer.train.digits_report.NUM_SAMPLES", 64)  # CI-sized exact draws
-    out = main(_job(cache, tmp_path))
+    monkeypatch.setattr("steer.digits.report.NUM_SAMPLES", 64)  # CI-sized exact draws
+    out = main(_job(digits_cache, tmp_path))
     for name in (
         "samples.npz",
         "grid.png",
@@ -80,7 +72,7 @@ def test_main_job_writes_every_output(cache: Path, tmp_path: Path, monkeypatch) 
     assert metrics["real_target_diversity"] > 0 and metrics["wall_time_s"] > 0
     assert metrics["config"]["objective"]["name"] == "rtb"
     # a second run never overwrites the first, and finds the exact draws in the cache
-    again = main(_job(cache, tmp_path))
+    again = main(_job(digits_cache, tmp_path))
     assert again != out and (out / "metrics.json").exists()
     second = json.loads((again / "metrics.json").read_text())["exact"]
     assert second["cached"] is True and second["log_z"] == exact["log_z"]
@@ -91,16 +83,16 @@ def test_main_job_writes_every_output(cache: Path, tmp_path: Path, monkeypatch) 
     ("objective.beta=0", "objective.beta must be > 0"),
     ("objective.beta=-1", "objective.beta must be > 0"),
 ])  # fmt: skip
-def test_bad_inputs(cache: Path, tmp_path: Path, override: str, match: str) -> None:
+def test_bad_inputs(digits_cache: Path, tmp_path: Path, override: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        main(_job(cache, tmp_path, override))
+        main(_job(digits_cache, tmp_path, override))
 
 
 def test_frechet_distance_against_closed_form() -> None:
     """Fréchet distance of two Gaussians with commuting (diagonal) covariances."""
     import torch
 
-    from steer.train.digits_report import frechet_distance
+    from steer.digits.report import frechet_distance
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5])

@@ -57,7 +57,7 @@ def test_registry_lists_every_reward() -> None:
     }
     assert expected <= set(R.names())
     assert R.names() == sorted(R.names())
-    assert R.spec("digits-classifier").factory == "steer.rewards.digits:digits_classifier"
+    assert R.spec("digits-classifier").factory == "steer.digits.classifier:digits_classifier"
 
 
 @pytest.mark.parametrize("name", BUILTIN)

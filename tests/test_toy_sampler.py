@@ -135,9 +135,9 @@ def test_recorded_rollout_gradient_equals_autograd_of_a_fresh_forward(kw, monkey
     backward, no second forward); its gradients equal plain autograd through a fresh
     forward pass over the same states, for every parameter (chunks smaller than one step
     exercise the chunk loop)."""
-    import steer.toy.sampler as sampler_module
+    import steer.toy.recorded as recorded_module
 
-    monkeypatch.setattr(sampler_module, "_CHUNK_ROWS", 7)
+    monkeypatch.setattr(recorded_module, "CHUNK_ROWS", 7)
     s = _sampler(**kw)
     traj = s.rollout(5, explore=0.3, generator=GEN, detach_states=True)
     weights = torch.randn(5, 8, generator=GEN)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from steer import objectives as O
-from steer.train.config import ObjectiveConfig, load_config
 from steer.objectives import group_normalise
 from steer.train.batch import RolloutBatch, StepTerms
-from steer.train.objectives import make_objective
+from steer.train.config import ObjectiveConfig, load_config
 from steer.train.modules import FlowNetwork, LogZTable
+from steer.train.objectives import make_objective
 from steer.trajectory import Trajectory
 
 B, K = 6, 4

@@ -3,6 +3,14 @@
 Only diffusers' public API is used: a scheduler's ``alphas_cumprod``, ``timesteps`` and ``config``.
 """
 
+from steer.diffusion.families import (
+    FAMILIES,
+    ModelFamily,
+    denoiser_of,
+    family_of,
+    make_policy,
+    register_family,
+)
 from steer.diffusion.lora import (
     ATTENTION_PROJECTIONS,
     adapters_disabled,
@@ -16,16 +24,30 @@ from steer.diffusion.policy import DiffusionPolicy, StepOutput, require_frozen
 from steer.diffusion.posterior import exact_posterior
 from steer.diffusion.rollout import StepCallback, rollout
 from steer.diffusion.schedule import (
+    SCHEDULERS,
     SUPPORTED_PREDICTION_TYPES,
     SUPPORTED_SCHEDULERS,
     SUPPORTED_SPACINGS,
+    SchedulerKind,
     StepSchedule,
     check_scheduler,
     gaussian_log_prob,
     make_schedule,
+    scheduler_from_config,
+    scheduler_kind,
 )
 
 __all__ = [
+    "FAMILIES",
+    "ModelFamily",
+    "SCHEDULERS",
+    "SchedulerKind",
+    "denoiser_of",
+    "family_of",
+    "make_policy",
+    "register_family",
+    "scheduler_from_config",
+    "scheduler_kind",
     "ATTENTION_PROJECTIONS",
     "DiffusionPolicy",
     "exact_posterior",

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from steer.diffusion.policy import DiffusionPolicy, StepOutput
+from steer.diffusion.policy import DiffusionPolicy
 from steer.diffusion.schedule import gaussian_log_prob
-from steer.trajectory import Trajectory
+from steer.trajectory import StepCallback, Trajectory, check_batch_size
 
 __all__ = ["rollout", "StepCallback"]
-
-# callback(step index k, timestep t_k, the step's output)
-StepCallback = Callable[[int, int, StepOutput], None]
 
 
 def _initial_latents(
@@ -47,34 +42,55 @@ def _batch_size(batch_size: int | None, cond: Tensor | None) -> int:
         if batch_size is not None and batch_size != cond.shape[0]:
             raise ValueError(f"batch_size={batch_size} does not match cond's batch {cond.shape[0]}")
         return int(cond.shape[0])
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1 (or give cond), got {batch_size!r}")
-    return batch_size
+    if batch_size is None:
+        raise ValueError("batch_size must be an int >= 1 (or give cond), got None")
+    return check_batch_size(batch_size)
+
+
+def _num_steps(num_steps: int | None, num_inference_steps: int | None) -> int | None:
+    """``K`` from ``num_steps`` or its diffusers alias ``num_inference_steps`` (None: keep)."""
+    if num_steps is None:
+        return num_inference_steps
+    if num_inference_steps is not None and num_inference_steps != num_steps:
+        raise ValueError(
+            f"num_steps={num_steps} and num_inference_steps={num_inference_steps} disagree; "
+            "give one of them (num_inference_steps is the diffusers name of num_steps)"
+        )
+    return num_steps
 
 
 def rollout(
     policy: DiffusionPolicy,
     batch_size: int | None = None,
+    *,
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
     cond: Tensor | None = None,
     num_inference_steps: int | None = None,
     eta: float | None = None,
-    generator: torch.Generator | None = None,
     grad: bool = False,
     keep_pred_x0: bool = True,
-    callback: StepCallback | None = None,
     latents: Tensor | None = None,
     noise: Tensor | None = None,
     progress: bool = False,
 ) -> Trajectory:
     """Sample ``τ = (s0, x_K, ..., x_0)`` from ``P_F`` (2.1)-(2.5), scoring ``P_B`` (2.6) too.
 
+    The shared rollout contract of :mod:`steer.trajectory`, plus diffusion options.
+
     Args:
-        policy: the forward policy; ``num_inference_steps`` / ``eta`` (if given) reset its schedule.
-        batch_size / cond: the batch size, or the conditioning ``[B, L, D]`` / ``[B, 2, L, D]``.
+        policy: the forward policy; ``num_steps`` / ``eta`` (if given) reset its schedule.
+        batch_size / cond: the batch size, or the conditioning ``[B, L, D]`` / ``[B, 2, L, D]``
+            (which sets the batch; a ``batch_size`` given with it must match).
+        num_steps: ``K``, the number of denoising steps (default: the policy's current one).
         generator: draws ``x_K`` then each step's noise, in diffusers' order.
+        callback: ``callback(k, t_k, StepOutput)`` after each step (a
+            :data:`~steer.trajectory.StepCallback`).
+        num_inference_steps: diffusers' name of ``num_steps`` (either; both must agree).
+        eta: DDIM noise level ``η`` (default: the policy's).
         grad: build the autograd graph (default: no graph; re-score chosen steps later).
         keep_pred_x0: store ``x̂_θ(x_k)`` of every step in ``pred_x0`` ``[B, K, ...]``.
-        callback: called after each step with ``(k, t_k, StepOutput)``.
         latents: ``x_K`` ``[B, C, H, W]`` instead of a draw.
         noise: ``[B, K, C, H, W]`` per-step noise instead of draws from ``generator``.
         progress: show a tqdm bar over the steps.
@@ -84,8 +100,9 @@ def rollout(
         ``extras`` holds ``eta`` and ``num_inference_steps``.
     """
     # 1. schedule, batch and the first state x_K ~ N(0, I)
-    if num_inference_steps is not None or eta is not None:
-        policy.set_timesteps(num_inference_steps or policy.num_inference_steps, eta)
+    steps = _num_steps(num_steps, num_inference_steps)
+    if steps is not None or eta is not None:
+        policy.set_timesteps(policy.num_inference_steps if steps is None else steps, eta)
     sched = policy.schedule
     n = sched.num_steps
     batch = _batch_size(batch_size, cond)

@@ -8,22 +8,62 @@ docs/mathematics.md §2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
-SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")
+from steer.ops import log_normal
+
+
+@dataclass(frozen=True)
+class SchedulerKind:
+    """What a supported diffusers scheduler class means for the step densities of §2.
+
+    Attributes:
+        cls: the diffusers class.
+        final_alpha: ``ᾱ`` after the last step, from the scheduler (and its ``alphas_cumprod``).
+        noise_steps: ``[K]`` bool from ``(timesteps, eta)``: where diffusers' own ``step`` draws
+            noise (so that a generator's stream matches diffusers').
+        rederive_eps: recompute ``ε̂`` from the clipped ``x̂_θ`` (DDPM's posterior mean does).
+        variance_types: the ``config.variance_type`` values it supports (``None``: any).
+    """
+
+    cls: type
+    final_alpha: Callable[[object, Tensor], Tensor]
+    noise_steps: Callable[[Tensor, float], Tensor]
+    rederive_eps: bool = False
+    variance_types: tuple[str, ...] | None = None
+
+
+# every scheduler steer computes densities for, in one place; a new one is one entry here
+SCHEDULERS: dict[str, SchedulerKind] = {
+    "DDIMScheduler": SchedulerKind(
+        DDIMScheduler,
+        final_alpha=lambda s, acp: torch.tensor(1.0) if s.config.set_alpha_to_one else acp[0],
+        noise_steps=lambda t, eta: torch.full(t.shape, eta > 0),
+    ),
+    "DDPMScheduler": SchedulerKind(
+        DDPMScheduler,
+        final_alpha=lambda s, acp: torch.tensor(1.0),  # DDPM ends at ᾱ = 1
+        noise_steps=lambda t, eta: (t > 0) & (eta > 0),
+        rederive_eps=True,
+        variance_types=("fixed_small", "fixed_small_log"),  # the posterior variance, η = 1
+    ),
+}
+SUPPORTED_SCHEDULERS = tuple(SCHEDULERS)
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SUPPORTED_SPACINGS = ("leading", "trailing", "linspace")
-SUPPORTED_DDPM_VARIANCES = ("fixed_small", "fixed_small_log")
-_LOG_2PI = math.log(2 * math.pi)
 
 __all__ = [
     "StepSchedule",
     "make_schedule",
     "check_scheduler",
+    "scheduler_kind",
+    "scheduler_from_config",
+    "SCHEDULERS",
     "gaussian_log_prob",
     "SUPPORTED_SCHEDULERS",
     "SUPPORTED_PREDICTION_TYPES",
@@ -80,13 +120,31 @@ class StepSchedule:
         )
 
 
-def check_scheduler(scheduler: object) -> None:
-    """Raise unless ``scheduler`` is a DDIM/DDPM scheduler with supported options."""
-    if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
+def scheduler_kind(scheduler: object) -> SchedulerKind:
+    """The registry entry of ``scheduler``'s class; ``TypeError`` naming the supported ones."""
+    kind = SCHEDULERS.get(type(scheduler).__name__)
+    if kind is None or not isinstance(scheduler, kind.cls):
         raise TypeError(
             f"scheduler must be one of {SUPPORTED_SCHEDULERS}, got {type(scheduler).__name__}; "
             "convert it with DDIMScheduler.from_config(scheduler.config)"
         )
+    return kind
+
+
+def scheduler_from_config(config: dict, name: str | None = None, **overrides: object):
+    """A supported scheduler built from a diffusers scheduler ``config``: the class ``name``, or
+    the config's own ``_class_name``; ``ValueError`` naming the supported ones otherwise."""
+    name = name or config.get("_class_name", "")
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not supported; choose one of "
+                         f"{', '.join(SUPPORTED_SCHEDULERS)}")  # fmt: skip
+    return SCHEDULERS[name].cls.from_config(config, **overrides)
+
+
+def check_scheduler(scheduler: object) -> None:
+    """Raise unless ``scheduler`` is a supported scheduler (``SCHEDULERS``) with supported
+    options."""
+    kind = scheduler_kind(scheduler)
     cfg = scheduler.config
     if cfg.prediction_type not in SUPPORTED_PREDICTION_TYPES:
         raise ValueError(
@@ -102,10 +160,10 @@ def check_scheduler(scheduler: object) -> None:
         raise ValueError(
             "scheduler thresholding=True is not supported; expected thresholding=False"
         )
-    if isinstance(scheduler, DDPMScheduler) and cfg.variance_type not in SUPPORTED_DDPM_VARIANCES:
+    if kind.variance_types is not None and cfg.variance_type not in kind.variance_types:
         raise ValueError(
-            f"DDPMScheduler variance_type={cfg.variance_type!r} is not supported; "
-            f"expected one of {SUPPORTED_DDPM_VARIANCES} (the posterior variance, η = 1)"
+            f"{type(scheduler).__name__} variance_type={cfg.variance_type!r} is not supported; "
+            f"expected one of {kind.variance_types} (the posterior variance, η = 1)"
         )
 
 
@@ -153,10 +211,8 @@ def make_schedule(
     if timesteps.numel() > 1 and not bool((timesteps[1:] < timesteps[:-1]).all()):
         raise ValueError(f"scheduler timesteps must strictly decrease, got {timesteps.tolist()}")
     acp = scheduler.alphas_cumprod.detach().to("cpu", torch.float32)  # [T]
-    if isinstance(scheduler, DDIMScheduler):
-        final = acp[0] if not scheduler.config.set_alpha_to_one else torch.tensor(1.0)
-    else:  # DDPMScheduler ends at ᾱ = 1
-        final = torch.tensor(1.0)
+    kind = scheduler_kind(scheduler)
+    final = kind.final_alpha(scheduler, acp)
     # 3. ᾱ_t and ᾱ_{t'} (t' = next list entry)
     alpha_t = acp[timesteps]  # [K]
     alpha_prev = torch.cat([acp[timesteps[1:]], final.reshape(1).float()])  # [K]
@@ -172,10 +228,7 @@ def make_schedule(
             "use eta <= 1 (the DDPM posterior variance)"
         )
     # 6. where diffusers' scheduler draws noise (for identical generator streams)
-    if isinstance(scheduler, DDIMScheduler):
-        noise_steps = torch.full((k,), eta > 0)
-    else:
-        noise_steps = (timesteps > 0) & (eta > 0)
+    noise_steps = kind.noise_steps(timesteps, eta)  # [K] bool
     cfg = scheduler.config
     return StepSchedule(
         timesteps=timesteps,
@@ -185,7 +238,7 @@ def make_schedule(
         eta=eta,
         prediction_type=cfg.prediction_type,
         clip_sample=float(cfg.clip_sample_range) if cfg.clip_sample else None,
-        rederive_eps=isinstance(scheduler, DDPMScheduler),
+        rederive_eps=kind.rederive_eps,
         noise_steps=noise_steps,
     )
 
@@ -193,8 +246,8 @@ def make_schedule(
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """``log N(x; mean, std² I)`` summed over every non-batch dim (§2), shape ``[B]``.
 
-    ``std`` broadcasts against ``x`` (e.g. ``[B, 1, 1, 1]``) and must be positive.
+    ``std`` broadcasts against ``x`` (e.g. ``[B, 1, 1, 1]``) and must be positive. This is
+    :func:`steer.ops.log_normal` with the whole sample ``[C, H, W]`` as one event, summed per
+    element (the accurate form for large events).
     """
-    z = (x - mean) / std  # [B, ...]
-    per_dim = -0.5 * z.square() - torch.log(std) - 0.5 * _LOG_2PI  # [B, ...]
-    return per_dim.flatten(1).sum(dim=1)  # [B]
+    return log_normal(x, mean, std, event_dims=x.ndim - 1, elementwise=True)  # [B]

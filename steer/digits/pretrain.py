@@ -197,17 +197,6 @@ def save_ddpm_folder(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | 
     return Path(folder)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 2) -> Path:
-    """Save ``images`` ``[N, C, H, W]`` in ``[0, 1]`` as one PNG grid (nearest upscaling)."""
-    from torchvision.utils import save_image
-
-    x = images.detach().float().cpu().clamp(0, 1)
-    if scale > 1:
-        x = F.interpolate(x, scale_factor=scale, mode="nearest")
-    save_image(x, str(path), nrow=nrow, padding=2, pad_value=0.5)
-    return Path(path)
-
-
 def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
     """``(result, wall seconds, process CPU seconds)`` of ``fn()``."""
     wall, cpu = time.perf_counter(), time.process_time()

@@ -29,10 +29,10 @@ from steer.digits.pretrain import (
     make_unet,
     sample_ddim,
     save_ddpm_folder,
-    save_grid,
     timed,
     train_ddpm,
 )
+from steer.images import save_grid, to_unit
 
 INFO_FILE = "train_info.json"  # written last: its presence marks a complete prior folder
 GRID_FILE = "samples.png"
@@ -101,7 +101,7 @@ def train_digits_prior(config: DigitsPriorConfig, folder: Path, progress: bool =
     generator = torch.Generator().manual_seed(config.train.seed)
     with torch.no_grad():
         samples = sample_ddim(ema, scheduler, 100, config.grid_steps, 1.0, generator)
-    save_grid((samples + 1) / 2, folder / GRID_FILE)
+    save_grid(to_unit(samples), folder / GRID_FILE, nrow=10, scale=2, padding=2, pad_value=0.5)
     info = {
         "train_seconds": wall,
         "train_cpu_seconds": cpu,
@@ -163,7 +163,7 @@ def evaluate_prior_classes(
         x = sample_ddim(
             unet, scheduler, num_samples, steps, 1.0, torch.Generator().manual_seed(seed)
         )
-        log_p = reward.log_probs((x + 1) / 2)  # [N, 10]
+        log_p = reward.log_probs(to_unit(x))  # [N, 10]
     counts = torch.bincount(log_p.argmax(1), minlength=10)
     return {
         "num_samples": num_samples,

@@ -18,7 +18,7 @@ import torch
 from scipy import linalg
 from torch import Tensor
 
-from steer.train.outputs import diversity
+from steer.images import diversity, to_unit
 
 if TYPE_CHECKING:
     from steer.diffusion import DiffusionPolicy
@@ -56,7 +56,7 @@ def sample_images(policy: DiffusionPolicy, n: int, steps: int, eta: float, seed:
                 generator=gen,
                 keep_pred_x0=False,
             )
-            out.append((traj.x0.float() / 2 + 0.5).clamp(0, 1).cpu())
+            out.append(to_unit(traj.x0.float()).cpu())
     return torch.cat(out)
 
 

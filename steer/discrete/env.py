@@ -4,7 +4,9 @@ A :class:`DAGEnvironment` holds ``N`` states sorted in topological order (``s0``
 ``K`` move types and one exit action ``⊤`` (the last column of every ``[N, K+1]`` action table).
 ``child[s, a]`` is the state reached from ``s`` by move ``a`` (``-1`` where the move is not
 allowed); every move goes from level ``l`` to level ``l + 1``, so levels give the topological
-order used by the exact solvers of :mod:`steer.discrete.exact`.
+order used by the exact solvers of :mod:`steer.discrete.exact`. :func:`forward_log_flow` pushes
+a tabular policy's flow through that order (it gives the path counts ``n(s)`` here and the
+terminating distributions there).
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from steer.ops import scatter_logsumexp
+
 __all__ = [
     "DAGEnvironment",
+    "forward_log_flow",
     "check_enumerable",
     "energies_from",
     "DEFAULT_MAX_STATES",
@@ -156,8 +161,6 @@ class DAGEnvironment:
     @cached_property
     def log_path_counts(self) -> Tensor:
         """``log n(s)``, the log-number of paths ``s0 → s``, ``[N]`` float64 (4.1)."""
-        from steer.discrete.exact import forward_log_flow
-
         zeros = torch.where(self.valid, 0.0, -math.inf).to(torch.float64)
         return forward_log_flow(self, zeros)
 
@@ -178,8 +181,6 @@ class DAGEnvironment:
         elif kind == "path_count":
             values = self.log_path_counts[src] - self.log_path_counts[dst]
         elif kind == "random":
-            from steer.discrete.exact import scatter_logsumexp
-
             logits = torch.randn(src.shape[0], generator=generator, dtype=torch.float64)
             values = logits - scatter_logsumexp(logits, dst, self.num_states)[dst]
         else:
@@ -210,3 +211,20 @@ class DAGEnvironment:
         return torch.cat(
             [torch.cat([p, p[:, -1:].expand(-1, t_max + 1 - p.shape[1])], 1) for p in paths]
         )
+
+
+def forward_log_flow(env: DAGEnvironment, log_pf: Tensor) -> Tensor:
+    """``log`` of the probability of visiting each state under ``log_pf`` ``[N, K+1]`` (only the
+    move columns are read), in topological order; ``[N]``. With zeros it counts paths ``n(s)``."""
+    src, act, dst = env.edges
+    moves = log_pf[src, act]  # [M]
+    log_flow = torch.full((env.num_states,), -math.inf, dtype=log_pf.dtype)
+    log_flow = log_flow.index_fill(0, torch.tensor([0]), 0.0)
+    src_level = env.level[src]  # [M]
+    for lv in range(env.max_length - 1):
+        # 1. Push the (final) flow of level lv through its moves into level lv + 1.
+        pick = torch.nonzero(src_level == lv).flatten()
+        incoming = scatter_logsumexp(log_flow[src[pick]] + moves[pick], dst[pick], env.num_states)
+        targets = env.levels[lv + 1]
+        log_flow = log_flow.index_copy(0, targets, incoming[targets])
+    return log_flow

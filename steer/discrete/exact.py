@@ -3,6 +3,8 @@
 Every action table is ``[N, K+1]``: ``K`` moves then the exit ``⊤``; entries of invalid actions
 are ``-inf`` (log-probabilities, rewards) and never read. All functions are differentiable
 (no ``torch.no_grad``) and work in log space with ``logsumexp``; use float64 for exact checks.
+``forward_log_flow`` (from :mod:`steer.discrete.env`, which needs it for path counts) and
+``scatter_logsumexp`` (from :mod:`steer.ops`) are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from steer.discrete.env import DAGEnvironment
+from steer.discrete.env import DAGEnvironment, forward_log_flow
+from steer.ops import scatter_logsumexp
 
 __all__ = [
     "SoftBellmanSolution",
@@ -31,17 +34,6 @@ __all__ = [
 ]
 
 
-def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tensor:
-    """``out[i] = log Σ_{j: index[j] = i} exp(values[j])``, ``[size]`` (``-inf`` where empty)."""
-    # 1. A per-target maximum (detached: it cancels exactly) keeps exp() in range.
-    top = torch.full((size,), -math.inf, dtype=values.dtype, device=values.device)
-    top = top.scatter_reduce(0, index, values.detach(), reduce="amax")
-    shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    # 2. Sum the shifted exponentials per target and undo the shift.
-    sums = torch.zeros_like(top).index_add(0, index, torch.exp(values - shift[index]))
-    return sums.log() + shift
-
-
 def _check_table(env: DAGEnvironment, table: Tensor, name: str) -> None:
     if not isinstance(table, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
@@ -50,23 +42,6 @@ def _check_table(env: DAGEnvironment, table: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be [N, K+1]={list(expected)}, got {list(table.shape)}")
     if bool(torch.isnan(table[env.valid]).any()):
         raise ValueError(f"{name} has NaN entries on valid actions")
-
-
-def forward_log_flow(env: DAGEnvironment, log_pf: Tensor) -> Tensor:
-    """``log`` of the probability of visiting each state under ``log_pf`` ``[N, K+1]`` (only the
-    move columns are read), in topological order; ``[N]``. With zeros it counts paths ``n(s)``."""
-    src, act, dst = env.edges
-    moves = log_pf[src, act]  # [M]
-    log_flow = torch.full((env.num_states,), -math.inf, dtype=log_pf.dtype)
-    log_flow = log_flow.index_fill(0, torch.tensor([0]), 0.0)
-    src_level = env.level[src]  # [M]
-    for lv in range(env.max_length - 1):
-        # 1. Push the (final) flow of level lv through its moves into level lv + 1.
-        pick = torch.nonzero(src_level == lv).flatten()
-        incoming = scatter_logsumexp(log_flow[src[pick]] + moves[pick], dst[pick], env.num_states)
-        targets = env.levels[lv + 1]
-        log_flow = log_flow.index_copy(0, targets, incoming[targets])
-    return log_flow
 
 
 def terminating_log_distribution(env: DAGEnvironment, log_pf: Tensor) -> Tensor:

@@ -4,23 +4,28 @@ A policy module returns a :class:`PolicyTable` for every state at once (the DAGs
 ``log P_F(a|s)`` ``[N, K+1]``, a state flow ``log F(s)`` ``[N]`` and ``log Z``. With
 ``parametrization="q"`` the outputs are soft Q-values: ``log P_F = Q - V``, ``log F = V =
 logsumexp_a Q`` and ``log Z = V(s0)`` (soft Q-learning / PCL, (4.3)).
+
+:func:`rollout` samples trajectories from a policy with the rollout contract of
+:mod:`steer.trajectory`; :func:`sample_trajectories` is the same draw from a ``log_pf`` table.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from steer.discrete.env import DAGEnvironment
-from steer.trajectory import Trajectory
+from steer.trajectory import StepCallback, StepRecord, Trajectory, check_batch_size
 
 __all__ = [
     "PolicyTable",
     "TabularPolicy",
     "MLPPolicy",
+    "rollout",
     "sample_trajectories",
     "trajectories_from_states",
     "PARAMETRIZATIONS",
@@ -106,16 +111,92 @@ def sample_trajectories(
     epsilon: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Trajectory:
-    """Sample ``batch_size`` trajectories ``s0 → … → x → ⊤`` from ``log_pf`` ``[N, K+1]``.
+    """Sample ``batch_size`` trajectories ``s0 → … → x → ⊤`` from ``log_pf`` ``[N, K+1]``:
+    ``rollout(log_pf, batch_size, env=env, ...)`` with the table first (see :func:`rollout`)."""
+    return rollout(log_pf, batch_size, generator=generator, env=env, epsilon=epsilon, log_pb=log_pb)
 
-    With ``epsilon > 0`` actions come from ``(1-ε) P_F + ε·uniform`` (exploration); the stored
-    ``log_pf`` is always that of ``log_pf`` (gathered from it: gradients flow if it has one).
-    Returns the :class:`~steer.trajectory.Trajectory` of :func:`trajectories_from_states`.
-    """
+
+Policy = Tensor | PolicyTable | Callable[[], PolicyTable]
+"""A discrete policy: its ``log_pf`` table ``[N, K+1]``, a :class:`PolicyTable`, or a module
+called with no argument that returns one (:class:`TabularPolicy`, :class:`MLPPolicy`)."""
+
+
+def _log_pf_table(policy: Policy, env: DAGEnvironment) -> Tensor:
+    """``log_pf`` ``[N, K+1]`` of ``policy`` (calling a module once), checked against ``env``."""
+    table = policy
+    if not isinstance(table, (Tensor, PolicyTable)) and callable(table):
+        table = table()
+    if isinstance(table, PolicyTable):
+        table = table.log_pf
+    if not isinstance(table, Tensor):
+        raise TypeError(
+            "policy must be a log_pf tensor [N, K+1], a PolicyTable or a module returning one, "
+            f"got {type(policy).__name__}"
+        )
+    expected = (env.num_states, env.num_moves + 1)
+    if tuple(table.shape) != expected or not table.is_floating_point():
+        raise ValueError(
+            f"log_pf must be a float tensor [N, K+1]={list(expected)} for this env, "
+            f"got {table.dtype} {list(table.shape)}"
+        )
+    return table
+
+
+def _check_options(
+    env: DAGEnvironment, num_steps: int | None, epsilon: float, log_pb: Tensor | None
+) -> None:
+    if num_steps is not None and num_steps != env.max_length:
+        raise ValueError(
+            f"num_steps={num_steps!r}, but trajectories on this env have T = env.max_length = "
+            f"{env.max_length} steps (moves, exit, padding); pass num_steps=None or "
+            f"{env.max_length}"
+        )
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise TypeError(f"epsilon must be a number in [0, 1], got {type(epsilon).__name__}")
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if log_pb is not None and tuple(log_pb.shape) != tuple(env.child.shape):
+        raise ValueError(f"log_pb must be [N, K]={list(env.child.shape)}, got {list(log_pb.shape)}")
+
+
+def rollout(
+    policy: Policy,
+    batch_size: int,
+    *,
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    env: DAGEnvironment,
+    epsilon: float = 0.0,
+    log_pb: Tensor | None = None,
+) -> Trajectory:
+    """Sample ``batch_size`` trajectories ``s0 → … → x → ⊤`` of a tabular policy on ``env``.
+
+    The rollout contract of :mod:`steer.trajectory`, plus discrete options.
+
+    Args:
+        policy: a ``log_pf`` table ``[N, K+1]``, a :class:`PolicyTable` or a policy module.
+        batch_size: ``B``.
+        num_steps: ``T = env.max_length`` (every trajectory is padded to it); only that value
+            (or None) is valid.
+        generator: draws the uniforms of the inverse-CDF action draws.
+        callback: ``callback(k, k, StepRecord)`` after each step (a
+            :data:`~steer.trajectory.StepCallback`): ``sample`` the states ``[B]`` after it,
+            ``log_prob`` ``[B]`` the drawn action's ``log P_F`` (0 once finished), ``extras``
+            ``"action"`` ``[B]`` (``K`` = exit) and ``"done"`` ``[B]``.
+        env: the :class:`DAGEnvironment` (required).
+        epsilon: actions come from ``(1-ε) P_F + ε·uniform`` (exploration); the stored
+            ``log_pf`` is always the policy's (gathered from it: gradients flow if it has one).
+        log_pb: ``[N, K]`` backward policy scored into ``log_pb`` (zeros if None).
+
+    Returns:
+        the :class:`~steer.trajectory.Trajectory` of :func:`trajectories_from_states`.
+    """
+    if not isinstance(env, DAGEnvironment):
+        raise TypeError(f"env must be a DAGEnvironment, got {type(env).__name__}")
+    log_pf = _log_pf_table(policy, env)
+    batch_size = check_batch_size(batch_size)
+    _check_options(env, num_steps, epsilon, log_pb)
     k = env.num_moves
     valid = env.valid.to(log_pf.dtype)  # [N, K+1]
     probs = (1 - epsilon) * log_pf.detach().exp() + epsilon * valid / valid.sum(1, keepdim=True)
@@ -123,13 +204,18 @@ def sample_trajectories(
     state = torch.zeros(batch_size, dtype=torch.long)
     done = torch.zeros(batch_size, dtype=torch.bool)
     states = [state]
-    for _ in range(env.max_length):
+    for step in range(env.max_length):
         # 1. Inverse-CDF draw; an exit keeps the state, finished trajectories stay put.
         u = torch.rand(batch_size, 1, generator=generator, dtype=cdf.dtype) * cdf[state, -1:]
         action = torch.where(done, k, (u > cdf[state]).sum(dim=1).clamp(max=k))  # [B]
+        if callback is not None:
+            lp = torch.where(done, 0.0, log_pf[state, action])  # [B], before done updates
         done = done | (action == k)
         state = torch.where(done, state, env.child[state, action.clamp(max=k - 1)])
         states.append(state)
+        if callback is not None:
+            info = {"action": action, "done": done}
+            callback(step, step, StepRecord(sample=state, log_prob=lp, extras=info))
     latents = torch.stack(states, 1)  # [B, T+1]
     # 2. After the first exit the state repeats: everything after it is padding.
     return trajectories_from_states(env, latents, log_pf, log_pb)

@@ -4,18 +4,23 @@ Exact rows solve soft Bellman in closed form and compare terminating distributio
 1e-9); identity rows compare residuals trajectory by trajectory / transition by transition;
 trained rows train a policy with each objective and measure its exact TV (bound 0.02).
 The exit status is non-zero if any row fails.
+
+Options (:class:`ExactConfig`): ``key=value`` overrides (``steer exact fast=true seed=1``), a
+YAML file (``--config FILE``), or the flags ``--fast``, ``--no-mlp``, ``--seed N``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from steer import objectives as obj
+from steer.config import ConfigError, add_field_flags, load_structured, parse_overrides
 from steer.discrete.bayesnet import BayesNetStructure
 from steer.discrete.env import DAGEnvironment
 from steer.discrete.exact import (
@@ -30,14 +35,31 @@ from steer.discrete.exact import (
 )
 from steer.discrete.hypergrid import HyperGrid
 from steer.discrete.policies import trajectories_from_states
-from steer.discrete.training import OBJECTIVES, TrainConfig, train, uses_exact_mode
+from steer.discrete.training import DAG_OBJECTIVES, DAGTrainConfig, train, uses_exact_mode
 
-__all__ = ["Row", "default_environments", "exact_rows", "identity_rows", "trained_rows", "main"]
+__all__ = [
+    "ExactConfig",
+    "Row",
+    "default_environments",
+    "exact_rows",
+    "identity_rows",
+    "main",
+    "trained_rows",
+]
 
 EXACT_BOUND = 1e-9
 TRAINED_BOUND = 0.02
 BIAS_FLOOR = 0.05  # (4.1): the uncorrected solution must miss the target by at least this
 MLP_ROWS = (("grid", "tb"), ("bn", "tb"))
+
+
+@dataclass
+class ExactConfig:
+    """Options of ``steer exact``."""
+
+    fast: bool = False  # exact and identity rows only (seconds): skip the trained rows
+    mlp: bool = True  # with the trained rows, also train TB as an MLP (MLP_ROWS)
+    seed: int = 0  # seed of P_B, priors and training
 
 
 @dataclass
@@ -139,12 +161,12 @@ def identity_rows(name: str, env: DAGEnvironment, seed: int = 0) -> list[Row]:
 
 def trained_rows(name: str, env: DAGEnvironment, seed: int = 0, mlp: bool = True) -> list[Row]:
     """Train every objective (tabular; TB also as an MLP) and measure the exact TV."""
-    runs = [(o, "tabular") for o in OBJECTIVES]
+    runs = [(o, "tabular") for o in DAG_OBJECTIVES]
     runs += [(o, "mlp") for env_name, o in MLP_ROWS if env_name == name and mlp]
     rows = []
     for objective, kind in runs:
         start = time.perf_counter()
-        config = TrainConfig.for_objective(objective, kind, seed=seed)
+        config = DAGTrainConfig.for_objective(objective, kind, seed=seed)
         result = train(env, objective, kind, config)
         seconds = time.perf_counter() - start
         mode = "exact" if uses_exact_mode(objective, config.mode) else "sampled"
@@ -170,21 +192,45 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steer exact",
+        description=__doc__.splitlines()[0],
+        epilog="Overrides: key=value words (fast=true mlp=false seed=1), applied after --config "
+        "and the flags.",
+    )
+    parser.add_argument("--config", default=None, help="a YAML file of ExactConfig fields")
+    helps = {
+        "fast": "skip the trained rows",
+        "mlp": "the MLP trained rows (--no-mlp skips them)",
+        "seed": "seed of P_B, priors and training",
+    }
+    add_field_flags(parser, ExactConfig, helps)
+    return parser
+
+
+def load_exact_config(argv: Sequence[str]) -> ExactConfig:
+    """The :class:`ExactConfig` of a ``steer exact`` command line (raises ``ConfigError``)."""
+    args, overrides = parse_overrides(_parser(), argv, ExactConfig)
+    return load_structured(ExactConfig, args.config, overrides)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``steer exact [--fast] [--seed N]``: print the table; exit 1 if any row fails."""
-    parser = argparse.ArgumentParser(prog="steer exact", description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true", help="skip the trained rows")
-    parser.add_argument("--no-mlp", action="store_true", help="skip the MLP trained rows")
-    parser.add_argument("--seed", type=int, default=0, help="seed of P_B, priors and training")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    """``steer exact [--fast] [--no-mlp] [--seed N] [key=value ...]``: print the table; exit 1
+    if any row fails, 2 on a bad option."""
+    try:
+        cfg = load_exact_config(list(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, FileNotFoundError) as err:
+        _parser().exit(2, f"steer exact: error: {err}\n")
+    print("config: " + " ".join(f"{k}={str(v).lower()}" for k, v in asdict(cfg).items()))
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
-    envs = default_environments(args.seed)
+    envs = default_environments(cfg.seed)
     rows: list[Row] = []
     for name, env in envs.items():
-        rows += exact_rows(name, env, args.seed) + identity_rows(name, env, args.seed)
-    if not args.fast:
+        rows += exact_rows(name, env, cfg.seed) + identity_rows(name, env, cfg.seed)
+    if not cfg.fast:
         for name, env in envs.items():
-            rows += trained_rows(name, env, args.seed, mlp=not args.no_mlp)
+            rows += trained_rows(name, env, cfg.seed, mlp=cfg.mlp)
     print("environments: " + ", ".join(f"{k} = {v!r}" for k, v in envs.items()))
     print(format_table(rows))
     failed = [r for r in rows if not r.passed]

@@ -32,8 +32,8 @@ from steer.discrete.policies import (
 from steer.trajectory import Trajectory
 
 __all__ = [
-    "OBJECTIVES",
-    "TrainConfig",
+    "DAG_OBJECTIVES",
+    "DAGTrainConfig",
     "TrainResult",
     "discrete_loss",
     "transition_loss",
@@ -42,13 +42,13 @@ __all__ = [
     "uses_exact_mode",
 ]
 
-OBJECTIVES = ("tb", "vargrad", "db", "subtb", "modified_db", "soft_q", "pcl")
+DAG_OBJECTIVES = ("tb", "vargrad", "db", "subtb", "modified_db", "soft_q", "pcl")
 _Q_OBJECTIVES = ("soft_q", "pcl")
 _TRANSITION_OBJECTIVES = ("db", "soft_q", "modified_db")
 
 
 @dataclass
-class TrainConfig:
+class DAGTrainConfig:
     """Training settings. :meth:`for_objective` gives the tuned defaults, which reach TV ≤ 0.02
     on HyperGrid(8, 2) and on 4-variable structure learning (temperature 4)."""
 
@@ -69,10 +69,10 @@ class TrainConfig:
     @classmethod
     def for_objective(
         cls, objective: str, policy: str = "tabular", **overrides: Any
-    ) -> TrainConfig:
+    ) -> DAGTrainConfig:
         """Tuned defaults per objective and policy kind (``"tabular"`` or ``"mlp"``)."""
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if objective not in DAG_OBJECTIVES:
+            raise ValueError(f"objective must be one of {DAG_OBJECTIVES}, got {objective!r}")
         exact = objective in _TRANSITION_OBJECTIVES
         if policy == "mlp":
             base = cls(steps=600, lr=0.01, lr_log_z=0.3)
@@ -145,7 +145,7 @@ def discrete_loss(
             log_rs[:, :-1], traj.log_pf, log_rs[:, 1:], traj.log_pb, stop[:, :-1], stop[:, 1:]
         )
         return _reduce(_mean_over_steps(delta.square(), move), weights)
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    raise ValueError(f"objective must be one of {DAG_OBJECTIVES}, got {objective!r}")
 
 
 def transition_loss(
@@ -202,7 +202,7 @@ def uses_exact_mode(objective: str, mode: str) -> bool:
 
 
 def _optimiser(
-    policy: nn.Module, cfg: TrainConfig
+    policy: nn.Module, cfg: DAGTrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam with its own learning rate for ``log_z``, decaying linearly."""
     z_params = [p for n, p in policy.named_parameters() if n == "log_z"]
@@ -219,17 +219,17 @@ def train(
     env: DAGEnvironment,
     objective: str,
     policy: nn.Module | str = "tabular",
-    config: TrainConfig | None = None,
+    config: DAGTrainConfig | None = None,
 ) -> TrainResult:
     """Train ``policy`` (a module returning a :class:`PolicyTable`, or ``"tabular"``/``"mlp"``)
     by ``objective`` with Adam; returns the exact TV of the result to ``∝ exp(-E)``."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective not in DAG_OBJECTIVES:
+        raise ValueError(f"objective must be one of {DAG_OBJECTIVES}, got {objective!r}")
     if isinstance(policy, str):
         kind = policy
     else:
         kind = "tabular" if isinstance(policy, TabularPolicy) else "mlp"
-    cfg = config or TrainConfig.for_objective(objective, kind)
+    cfg = config or DAGTrainConfig.for_objective(objective, kind)
     torch.manual_seed(cfg.seed)
     if isinstance(policy, str):
         policy = _make_policy(env, objective, policy)

@@ -7,13 +7,13 @@ from steer.toy.buffer import ReplayBuffer, mala
 from steer.toy.metrics import evaluate_sampler, mmd_rbf, mode_masses, wasserstein2
 from steer.toy.posterior import Posterior9, train_prior
 from steer.toy.registry import TARGETS, get_target
-from steer.toy.sampler import DiffusionSampler, SamplerConfig
+from steer.toy.sampler import DiffusionSampler, SamplerConfig, rollout
 from steer.toy.targets import Funnel, GaussianMixture, ManyWell, Target, UserTarget, gmm25, gmm40
-from steer.toy.train import OBJECTIVES, TrainConfig, TrainResult, train
+from steer.toy.train import TOY_OBJECTIVES, ToyConfig, ToyRunConfig, TrainResult, train
 
 __all__ = [
-    "OBJECTIVES",
     "TARGETS",
+    "TOY_OBJECTIVES",
     "DiffusionSampler",
     "Funnel",
     "GaussianMixture",
@@ -22,7 +22,8 @@ __all__ = [
     "ReplayBuffer",
     "SamplerConfig",
     "Target",
-    "TrainConfig",
+    "ToyConfig",
+    "ToyRunConfig",
     "TrainResult",
     "UserTarget",
     "evaluate_sampler",
@@ -32,6 +33,7 @@ __all__ = [
     "mala",
     "mmd_rbf",
     "mode_masses",
+    "rollout",
     "train",
     "train_prior",
     "wasserstein2",

@@ -37,12 +37,12 @@ def train_prior(
 
     ``config.langevin`` must be False: the prior learns gmm25 from its samples alone, and a
     Langevin drift would need the score of the density it is learning
-    (:meth:`steer.toy.train.TrainConfig.prior_config` builds the config)."""
+    (:meth:`steer.toy.train.ToyConfig.prior_config` builds the config)."""
     if config.langevin:
         raise ValueError(
             "the posterior9 prior is a denoising model of gmm25 samples and has no score for a "
             "Langevin drift: train it with SamplerConfig(langevin=False) "
-            "(TrainConfig.prior_config())"
+            "(ToyConfig.prior_config())"
         )
     torch.manual_seed(seed)
     data, prior = gmm25(), DiffusionSampler(config)

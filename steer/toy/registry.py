@@ -48,7 +48,7 @@ def get_target(
         except (ImportError, AttributeError) as err:
             raise ValueError(f"cannot load user energy {name!r}: {err}") from err
         if dim is None:
-            raise ValueError(f"user energy {name!r} needs --dim <its dimension>")
+            raise ValueError(f"user energy {name!r} needs dim=<its dimension> (or --dim)")
         return UserTarget(energy, dim, name=name)
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; valid: {', '.join(TARGETS)} or module:function")

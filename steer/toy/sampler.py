@@ -16,13 +16,15 @@ reference process ``x_t = x_0 + σ W_t`` (``x_0 ~ N(0, σ0²)``): with ``v_k = �
 densities (2.5)/(2.6) of §2 in continuous-time form; a trajectory is a
 :class:`steer.trajectory.Trajectory` whose ``latents`` run ``x_0, ..., x_T`` (noise to data).
 
+Trajectories come from :func:`rollout` (the rollout contract of :mod:`steer.trajectory`).
+
 Speed: the time embedding depends on ``t`` alone and is computed once per call for the ``T``
 times. Sampling must run the state MLP step by step; without the reparametrisation gradient
 (off-policy training, ``detach_states=True``) that pass runs without autograd and records the
 hidden activations, and ``log_pf`` gets its gradient from one batched backward over all ``B·T``
-recorded states (:class:`_ReplayedTrunk`): no second forward pass and no per-step autograd graph.
-Stored states (buffer samples, backward trajectories) are re-scored the same way in one batched
-pass (:meth:`DiffusionSampler.evaluate`).
+recorded states (:mod:`steer.toy.recorded`): no second forward pass and no per-step autograd
+graph. Stored states (buffer samples, backward trajectories) are re-scored the same way in one
+batched pass (:meth:`DiffusionSampler.evaluate`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from steer.trajectory import Trajectory
+from steer.ops import LOG_2PI, log_normal
+from steer.toy.recorded import Workspace, record_trunk, replay_trunk, rollout_recorded
+from steer.trajectory import StepCallback, StepRecord, Trajectory, check_batch_size
 
-__all__ = ["SamplerConfig", "DiffusionSampler"]
+__all__ = ["SamplerConfig", "DiffusionSampler", "rollout"]
 
-LOG_2PI = math.log(2 * math.pi)
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": nn.functional.gelu,
     "silu": nn.functional.silu,
@@ -117,8 +120,7 @@ class DiffusionSampler(nn.Module):
         nn.init.zeros_(self.out.weight)  # start as the reference process: zero drift
         nn.init.zeros_(self.out.bias)
         self.log_z = nn.Parameter(torch.zeros(()))
-        self._workspace: dict[tuple, list[Tensor]] = {}  # reused rollout activation buffers
-        self._generation = 0
+        self._workspace = Workspace()  # reused activation buffers of recorded rollouts
         t = torch.arange(config.steps + 1, dtype=torch.float32) / config.steps
         self.register_buffer("times", t)  # [T+1]
         var = config.init_std**2 + config.sigma**2 * t  # [T+1], v_k of (T2)
@@ -165,55 +167,6 @@ class DiffusionSampler(nn.Module):
         flow = out[..., -1] if cfg.flow else None
         return drift, std, flow
 
-    def _record(self, x: Tensor, temb: Tensor) -> _Record:
-        """No-grad pass of the state MLP over ``x [T, B, d]`` (ReLU, time-major), keeping the
-        activations that :class:`_ReplayedTrunk` needs for its batched backward."""
-        with torch.no_grad():
-            h = torch.baddbmm(temb[:, None, :], x, self.x_in.weight.T.expand(len(x), -1, -1))
-            hs = [h.relu_()]
-            for layer in self.hidden_layers:
-                hs.append(nn.functional.linear(hs[-1], layer.weight, layer.bias).relu_())
-            out = nn.functional.linear(hs[-1], self.out.weight, self.out.bias)
-        return _Record(x, hs, out)
-
-    def _replay(self, record: _Record, temb: Tensor) -> Tensor:
-        """The recorded outputs ``[T, B, n_out]``, with a graph to the weights when one is
-        being built (one batched backward, no second forward)."""
-        if not torch.is_grad_enabled():
-            return record.out
-        weights = [self.x_in.weight]
-        for layer in self.hidden_layers:
-            weights += [layer.weight, layer.bias]
-        weights += [self.out.weight, self.out.bias]
-        if not (temb.requires_grad or any(w.requires_grad for w in weights)):
-            return record.out
-        return _ReplayedTrunk.apply(record, temb, *weights)
-
-    def _activation_buffers(
-        self, n_steps: int, batch: int, record: _Record | None
-    ) -> tuple[list[Tensor], Tensor]:
-        """Hidden ``[T, B, H]`` and output ``[T, B, n_out]`` buffers of a recorded rollout.
-
-        When a graph is being built (``record`` given) they are kept and reused across calls
-        of the same shape
-        (fresh multi-MiB allocations cost page faults on every iteration); ``record`` then
-        takes the reuse generation, and a backward through a record whose buffers a later
-        rollout overwrote raises instead of returning wrong gradients."""
-        dev, dtype = self.times.device, self.times.dtype
-        shapes = [(n_steps, batch, self.config.hidden)] * (len(self.hidden_layers) + 1)
-        shapes.append((n_steps, batch, self.n_out))
-        if record is None:  # no graph: nothing outlives this call
-            bufs = [torch.empty(shape, device=dev, dtype=dtype) for shape in shapes]
-            return bufs[:-1], bufs[-1]
-        key = (n_steps, batch, dev, dtype)
-        if key not in self._workspace:
-            self._workspace.clear()
-            self._workspace[key] = [torch.empty(shape, device=dev, dtype=dtype) for shape in shapes]
-        self._generation += 1
-        record.owner, record.generation = self, self._generation
-        bufs = self._workspace[key]
-        return bufs[:-1], bufs[-1]
-
     def _fast(self) -> bool:
         """Whether the record-and-replay path applies (ReLU: its derivative is the output's
         sign, so the recorded activations suffice)."""
@@ -256,11 +209,12 @@ class DiffusionSampler(nn.Module):
             scores = self.target_score(x.reshape(-1, cfg.dim)).view_as(x)
         if self._fast() and not latents.requires_grad:
             x_tm = x.detach().transpose(0, 1).contiguous()  # [T, B, d]
-            out = self._replay(self._record(x_tm, temb.detach()), temb).transpose(0, 1)
+            out = replay_trunk(self, record_trunk(self, x_tm, temb.detach()), temb)
+            out = out.transpose(0, 1)
         else:
             out = self._trunk(x, temb)
         drift, std, flow = self._drift_std(out, scores, lgv_scale)
-        return _log_normal(x_next, x + self.dt * drift, std), flow
+        return log_normal(x_next, x + self.dt * drift, std), flow
 
     def log_pb(self, latents: Tensor) -> Tensor:
         """``log P_B(x_k | x_{k+1})`` of the Brownian bridge (T2), shape ``[B, T]``."""
@@ -268,7 +222,7 @@ class DiffusionSampler(nn.Module):
         x, x_next = latents[:, :-1], latents[:, 1:]  # [B, T, d]
         mean = ratio[:, None] * x_next
         std = (self.config.sigma**2 * self.dt * ratio).sqrt()[:, None]  # [T, 1]
-        out = _log_normal(x, mean, std.clamp_min(1e-30))
+        out = log_normal(x, mean, std.clamp_min(1e-30))
         if self.config.init_std == 0:
             out = torch.cat([out.new_zeros(out.shape[0], 1), out[:, 1:]], dim=1)
         return out
@@ -283,118 +237,10 @@ class DiffusionSampler(nn.Module):
         generator: torch.Generator | None = None,
         detach_states: bool = False,
     ) -> Trajectory:
-        """Sample ``batch`` forward trajectories (T1); ``explore > 0`` widens each step's
-        sampling variance from ``h σ² g²`` to ``h σ² g² + explore²`` (an exploration std per
-        step, not per unit time, as in Sendera et al.) while ``log_pf`` stays that of the
-        policy (off-policy).
-
-        Gradients follow the states (reparametrised) unless ``detach_states`` (then ``log_pf``
-        keeps the graph of each step's mean and std only, the TB gradient of off-policy
-        training) or the caller disables them. ``extras["scores"]`` ``[B, T, d]`` if Langevin,
-        ``extras["log_flow"]`` ``[B, T]`` with a flow head.
-        """
-        cfg, like = self.config, {"device": self.times.device, "dtype": self.times.dtype}
-        x = torch.randn(batch, cfg.dim, generator=generator, **like) * cfg.init_std
-        noise = torch.randn(cfg.steps, batch, cfg.dim, generator=generator, **like)
-        temb, lgv_scale = self.time_embedding()  # [T, H], [T, 1 or d]: once per t
-        if self._fast() and (detach_states or not torch.is_grad_enabled()):
-            return self._rollout_recorded(x, noise, explore, temb, lgv_scale)
-        states, means, stds, scores, flows = [x], [], [], [], []
-        for k in range(cfg.steps):
-            score = self.target_score(x) if cfg.langevin else None
-            drift, std, flow = self._drift_std(
-                self._trunk(x, temb[k]), score, None if lgv_scale is None else lgv_scale[k]
-            )
-            mean = torch.add(x, drift, alpha=self.dt)
-            sample_std = std
-            if explore > 0 and isinstance(std, float):
-                sample_std = math.sqrt(std**2 + explore**2)
-            elif explore > 0:
-                sample_std = (std.square() + explore**2).sqrt()
-            if isinstance(sample_std, float):
-                x = torch.add(mean, noise[k], alpha=sample_std)
-            else:
-                x = torch.addcmul(mean, sample_std, noise[k])
-            if detach_states:
-                x = x.detach()
-            states.append(x), means.append(mean), stds.append(std)
-            if score is not None:
-                scores.append(score)
-            if flow is not None:
-                flows.append(flow)
-        latents = torch.stack(states, dim=1)  # [B, T+1, d]
-        std_all = torch.stack(stds, 1) if cfg.learned_variance else stds[0]
-        log_pf = _log_normal(latents[:, 1:], torch.stack(means, dim=1), std_all)  # [B, T]
-        extras = {"scores": torch.stack(scores, dim=1)} if scores else {}
-        if flows:
-            extras["log_flow"] = torch.stack(flows, dim=1)  # [B, T]
-        return self._trajectory(latents, log_pf, extras)
-
-    def _rollout_recorded(
-        self, x: Tensor, noise: Tensor, explore: float, temb: Tensor, lgv_scale: Tensor | None
-    ) -> Trajectory:
-        """Rollout without the reparametrisation gradient: the MLP runs step by step without
-        autograd into preallocated activation buffers, then ``log_pf`` (and the flow head) are
-        computed for all steps at once from the replayed outputs."""
-        cfg, (n_steps, batch, d) = self.config, noise.shape
-        dt, clip = self.dt, cfg.drift_clip
-        record = _Record(None, [], None)  # type: ignore[arg-type]
-        keep = torch.is_grad_enabled()
-        with torch.no_grad():
-            # Every step writes into its slice of the buffers (``addmm(..., out=)``);
-            # ``unbind`` makes the per-step views once.
-            hs, out = self._activation_buffers(n_steps, batch, record if keep else None)
-            temb_d = temb.detach()
-            b_hidden = [layer.bias.detach() for layer in self.hidden_layers]
-            b_out = self.out.bias.detach()
-            xs = x.new_empty(n_steps + 1, batch, d)
-            xs[0] = x
-            scores = x.new_empty(n_steps, batch, d) if cfg.langevin else None
-            h_k = [h.unbind(0) for h in hs]
-            out_k, x_k, noise_k = out.unbind(0), xs.unbind(0), noise.unbind(0)
-            w_in = self.x_in.weight.detach().T
-            w_hidden = [layer.weight.detach().T for layer in self.hidden_layers]
-            w_out = self.out.weight.detach().T
-            scale = lgv_scale.detach() if lgv_scale is not None else None
-            plain = not (cfg.langevin or cfg.learned_variance)
-            std = math.sqrt(cfg.sigma**2 * dt + explore**2)  # fixed variance
-            for k in range(n_steps):
-                x = x_k[k]
-                h = torch.addmm(temb_d[k], x, w_in, out=h_k[0][k]).relu_()
-                for i, (w, b) in enumerate(zip(w_hidden, b_hidden, strict=True)):
-                    h = torch.addmm(b, h, w, out=h_k[i + 1][k]).relu_()
-                o = torch.addmm(b_out, h, w_out, out=out_k[k])
-                if plain:  # x_{k+1} = x_k + h·clip(drift) + std·ε
-                    torch.add(noise_k[k], o[:, :d].clamp(-clip, clip), alpha=dt, out=x_k[k + 1])
-                    x_k[k + 1].add_(x).add_(noise_k[k], alpha=std - 1)
-                    continue
-                score = None
-                if scores is not None:
-                    scores[k] = score = self.target_score(x)
-                drift, step_std, _ = self._drift_std(o, score, None if scale is None else scale[k])
-                if explore > 0 and isinstance(step_std, float):
-                    step_std = math.sqrt(step_std**2 + explore**2)
-                elif explore > 0:
-                    step_std = (step_std.square() + explore**2).sqrt()
-                mean = torch.add(x, drift, alpha=dt)
-                if isinstance(step_std, float):
-                    torch.add(mean, noise_k[k], alpha=step_std, out=x_k[k + 1])
-                else:
-                    torch.addcmul(mean, step_std, noise_k[k], out=x_k[k + 1])
-        record.x, record.hs, record.out = xs[:-1], hs, out
-        scale = lgv_scale[:, None] if lgv_scale is not None else None  # [T, 1, 1 or d]
-        drift, std, flow = self._drift_std(self._replay(record, temb), scores, scale)
-        if isinstance(std, Tensor):
-            std = std.transpose(0, 1)
-        latents = xs.transpose(0, 1)  # [B, T+1, d]
-        mean = (xs[:-1] + dt * drift).transpose(0, 1)  # [B, T, d]
-        log_pf = _log_normal(latents[:, 1:], mean, std)  # [B, T]
-        extras: dict[str, Tensor] = {}
-        if scores is not None:
-            extras["scores"] = scores.transpose(0, 1)
-        if flow is not None:
-            extras["log_flow"] = flow.transpose(0, 1)  # [B, T]
-        return self._trajectory(latents, log_pf, extras)
+        """``rollout(self, batch, ...)``: see the module-level :func:`rollout`."""
+        return rollout(
+            self, batch, generator=generator, explore=explore, detach_states=detach_states
+        )
 
     def backward_rollout(self, x: Tensor, generator: torch.Generator | None = None) -> Trajectory:
         """Noise the samples ``x [B, d]`` back to ``x_0`` with the bridge (T2) and score the
@@ -432,87 +278,103 @@ class DiffusionSampler(nn.Module):
         )
 
 
-@dataclass
-class _Record:
-    """Activations of one no-grad pass of the state MLP, time-major: inputs ``x [T, B, d]``,
-    post-ReLU hidden states ``[T, B, H]`` per layer, outputs ``[T, B, n_out]``."""
+def rollout(
+    policy: DiffusionSampler,
+    batch_size: int,
+    *,
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+    explore: float = 0.0,
+    detach_states: bool = False,
+) -> Trajectory:
+    """Sample ``batch_size`` forward trajectories of (T1), ``latents`` ``x_0, ..., x_T``.
 
-    x: Tensor
-    hs: list[Tensor]
-    out: Tensor
-    owner: DiffusionSampler | None = None  # set when the buffers are a reused workspace
-    generation: int = 0
+    The rollout contract of :mod:`steer.trajectory`, plus toy options.
 
-    def check(self) -> None:
-        """Raise if a later rollout has overwritten this record's reused buffers."""
-        if self.owner is not None and self.owner._generation != self.generation:
-            raise RuntimeError(
-                "the activations recorded by this rollout were overwritten by a later "
-                "rollout of the same shape before backward(); call backward() on each "
-                "rollout's loss before the next rollout, or roll out under torch.no_grad()"
-            )
+    Args:
+        policy: the :class:`DiffusionSampler`.
+        batch_size: ``B``.
+        num_steps: ``T``; the time grid is fixed at construction, so only ``config.steps``
+            (or None) is valid.
+        generator: draws ``x_0`` then the ``[T, B, d]`` step noise.
+        callback: ``callback(k, t_k, StepRecord)`` after each step (a
+            :data:`~steer.trajectory.StepCallback`); ``StepRecord.log_prob`` is the step's
+            ``log P_F`` (without a graph on the recorded path, see below).
+        explore: ``> 0`` widens each step's sampling variance from ``h σ² g²`` to
+            ``h σ² g² + explore²`` (an exploration std per step, not per unit time, as in
+            Sendera et al.) while ``log_pf`` stays that of the policy (off-policy).
+        detach_states: cut the reparametrisation gradient through the states.
 
-
-def _relu_grad(grad: Tensor, activation: Tensor) -> Tensor:
-    """``grad · 1[activation > 0]`` (ATen's fused ReLU backward: one pass, no mask tensor)."""
-    return torch.ops.aten.threshold_backward(grad, activation, 0)
-
-
-class _ReplayedTrunk(torch.autograd.Function):
-    """The state MLP's outputs for all recorded states, differentiable in the weights.
-
-    The forward returns the recorded outputs (nothing is recomputed); the backward is one
-    batched pass over the ``N = T·B`` recorded activations: for each linear layer the weight
-    gradient ``gᵀ h`` and the input gradient ``g W`` are single ``N``-row matrix products. The
-    per-time embedding (which carries the input bias) gets ``Σ_b g``.
+    Gradients follow the states (reparametrised) unless ``detach_states`` (then ``log_pf``
+    keeps the graph of each step's mean and std only, the TB gradient of off-policy training)
+    or the caller disables them; a ReLU trunk then takes the recorded path of
+    :mod:`steer.toy.recorded`. ``extras["scores"]`` ``[B, T, d]`` if Langevin,
+    ``extras["log_flow"]`` ``[B, T]`` with a flow head.
     """
-
-    @staticmethod
-    def forward(ctx, record: _Record, temb: Tensor, *weights: Tensor) -> Tensor:  # noqa: D102
-        ctx.record = record
-        ctx.save_for_backward(*weights)
-        return record.out  # computed without autograd: nothing to detach
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # noqa: D102
-        rec, weights = ctx.record, ctx.saved_tensors
-        rec.check()
-        n_steps, batch, n_out = rec.out.shape
-        grad_out = grad_out.contiguous()
-        w_in, w_out, hidden = weights[0], weights[-2], weights[1:-2:2]
-        grad_w = [torch.zeros_like(w) for w in (w_in, *hidden, w_out)]  # one per linear layer
-        grad_b = [w.new_zeros(w.shape[0]) for w in (*hidden, w_out)]  # hidden + output biases
-        grad_temb = w_in.new_empty(n_steps, w_in.shape[0])  # [T, H]
-        # Chunks of whole time steps keep every intermediate (~chunk × H floats) in cache: the
-        # unchunked pass is bound by memory traffic, not by its ~1 GFLOP of products.
-        chunk = max(1, _CHUNK_ROWS // batch)
-        for t0 in range(0, n_steps, chunk):
-            t1 = min(n_steps, t0 + chunk)
-            hs = [h[t0:t1].reshape(-1, h.shape[-1]) for h in rec.hs]
-            g = grad_out[t0:t1].reshape(-1, n_out)
-            grad_w[-1].addmm_(g.T, hs[-1])
-            grad_b[-1].add_(g.sum(0))
-            g = _relu_grad(g @ w_out, hs[-1])
-            for i in reversed(range(len(hs) - 1)):  # hidden layer i maps hs[i] -> hs[i + 1]
-                grad_w[i + 1].addmm_(g.T, hs[i])
-                grad_b[i].add_(g.sum(0))
-                g = _relu_grad(g @ hidden[i], hs[i])
-            x = rec.x[t0:t1].reshape(-1, rec.x.shape[-1])
-            grad_w[0].T.addmm_(x.T, g)  # [d, H] orientation: the fast one for d << H
-            torch.sum(g.view(t1 - t0, batch, -1), 1, out=grad_temb[t0:t1])
-        grads: list[Tensor] = [grad_w[0]]
-        for gw, gb in zip(grad_w[1:-1], grad_b[:-1], strict=True):
-            grads += [gw, gb]
-        return None, grad_temb, *grads, grad_w[-1], grad_b[-1]
+    if not isinstance(policy, DiffusionSampler):
+        raise TypeError(f"policy must be a DiffusionSampler, got {type(policy).__name__}")
+    batch, cfg = check_batch_size(batch_size), policy.config
+    if num_steps is not None and num_steps != cfg.steps:
+        raise ValueError(
+            f"num_steps={num_steps!r}, but this sampler has T = config.steps = {cfg.steps} "
+            f"steps fixed at construction; pass num_steps=None (or {cfg.steps}), or build a "
+            "sampler with SamplerConfig(steps=...)"
+        )
+    if isinstance(explore, bool) or not isinstance(explore, (int, float)) or not explore >= 0:
+        raise ValueError(f"explore must be a number >= 0 (an exploration std), got {explore!r}")
+    like = {"device": policy.times.device, "dtype": policy.times.dtype}
+    x = torch.randn(batch, cfg.dim, generator=generator, **like) * cfg.init_std
+    noise = torch.randn(cfg.steps, batch, cfg.dim, generator=generator, **like)
+    temb, lgv_scale = policy.time_embedding()  # [T, H], [T, 1 or d]: once per t
+    if policy._fast() and (detach_states or not torch.is_grad_enabled()):
+        return rollout_recorded(policy, x, noise, explore, temb, lgv_scale, callback)
+    return _rollout_plain(policy, x, noise, explore, temb, lgv_scale, detach_states, callback)
 
 
-_CHUNK_ROWS = 2048  # rows per chunk of the replayed backward (a few hundred KiB per tensor)
-
-
-def _log_normal(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
-    """``Σ_d log N(x; mean, std²)`` over the last dimension (a true density, §2)."""
-    d = x.shape[-1]
-    if isinstance(std, float):
-        return -0.5 * (x - mean).square().sum(-1) / std**2 - d * (math.log(std) + 0.5 * LOG_2PI)
-    z = (x - mean) / std
-    return -0.5 * z.square().sum(-1) - std.log().expand_as(x).sum(-1) - 0.5 * d * LOG_2PI
+def _rollout_plain(
+    policy: DiffusionSampler,
+    x: Tensor,
+    noise: Tensor,
+    explore: float,
+    temb: Tensor,
+    lgv_scale: Tensor | None,
+    detach_states: bool,
+    callback: StepCallback | None,
+) -> Trajectory:
+    """Step-by-step rollout under the caller's autograd mode (any activation); ``log_pf`` of
+    all steps in one batched density after the loop."""
+    cfg = policy.config
+    times = policy.times[:-1].tolist() if callback is not None else []
+    states, means, stds, scores, flows = [x], [], [], [], []
+    for k in range(cfg.steps):
+        score = policy.target_score(x) if cfg.langevin else None
+        drift, std, flow = policy._drift_std(
+            policy._trunk(x, temb[k]), score, None if lgv_scale is None else lgv_scale[k]
+        )
+        mean = torch.add(x, drift, alpha=policy.dt)
+        sample_std = std
+        if explore > 0 and isinstance(std, float):
+            sample_std = math.sqrt(std**2 + explore**2)
+        elif explore > 0:
+            sample_std = (std.square() + explore**2).sqrt()
+        if isinstance(sample_std, float):
+            x = torch.add(mean, noise[k], alpha=sample_std)
+        else:
+            x = torch.addcmul(mean, sample_std, noise[k])
+        if detach_states:
+            x = x.detach()
+        states.append(x), means.append(mean), stds.append(std)
+        if score is not None:
+            scores.append(score)
+        if flow is not None:
+            flows.append(flow)
+        if callback is not None:
+            callback(k, times[k], StepRecord(sample=x, log_prob=log_normal(x, mean, std)))
+    latents = torch.stack(states, dim=1)  # [B, T+1, d]
+    std_all = torch.stack(stds, 1) if cfg.learned_variance else stds[0]
+    log_pf = log_normal(latents[:, 1:], torch.stack(means, dim=1), std_all)  # [B, T]
+    extras = {"scores": torch.stack(scores, dim=1)} if scores else {}
+    if flows:
+        extras["log_flow"] = torch.stack(flows, dim=1)  # [B, T]
+    return policy._trajectory(latents, log_pf, extras)

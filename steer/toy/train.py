@@ -22,14 +22,14 @@ from steer.toy.metrics import evaluate_sampler
 from steer.toy.sampler import DiffusionSampler, SamplerConfig
 from steer.toy.targets import Target, gmm25
 
-__all__ = ["OBJECTIVES", "TrainConfig", "TrainResult", "objective_loss", "train"]
+__all__ = ["TOY_OBJECTIVES", "ToyConfig", "ToyRunConfig", "TrainResult", "objective_loss", "train"]
 
-OBJECTIVES = ("tb", "vargrad", "subtb", "db", "fldb", "rtb")
+TOY_OBJECTIVES = ("tb", "vargrad", "subtb", "db", "fldb", "rtb")
 _NEEDS_FLOW = ("subtb", "db", "fldb")
 
 
 @dataclass
-class TrainConfig:
+class ToyConfig:
     """Options of ``steer toy train``. The defaults are the gmm25 setting measured in
     benchmarks/README.md: TB with the Langevin drift, per-step exploration noise decayed over
     the first half of training, a 600k rank-prioritised replay buffer fed by MALA local search,
@@ -69,11 +69,12 @@ class TrainConfig:
     eval_samples: int = 2000
     max_time_s: float | None = 540.0
     prior_iterations: int = 2000  # posterior9: denoising iterations of the prior
+    dim: int | None = None  # the dimension of a module:function energy (named targets know it)
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
+        if self.objective not in TOY_OBJECTIVES:
             raise ValueError(
-                f"unknown objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}"
+                f"unknown objective {self.objective!r}; valid: {', '.join(TOY_OBJECTIVES)}"
             )
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps T must be an integer >= 1, got {self.steps!r}")
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError("local_search needs a replay buffer: set buffer to uniform or rank")
         if self.explore < 0:
             raise ValueError(f"explore must be >= 0, got {self.explore}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim must be >= 1 (or null for a named target), got {self.dim}")
 
     def sampler_config(self, target: Target) -> SamplerConfig:
         return SamplerConfig(
@@ -116,6 +119,16 @@ class TrainConfig:
         return replace(
             self.sampler_config(gmm25()), langevin=False, langevin_per_dim=False, flow=False
         )
+
+
+@dataclass
+class ToyRunConfig:
+    """A ``steer toy train`` run as saved in its ``config.yaml``: the options, and the resolved
+    :class:`SamplerConfig` of the trained sampler and of the posterior9 prior (if any)."""
+
+    train: ToyConfig
+    sampler: SamplerConfig
+    prior_sampler: SamplerConfig | None = None
 
 
 @dataclass
@@ -184,14 +197,14 @@ def objective_loss(
     return obj.subtrajectory_balance(log_flows, log_pf, log_pb, lam=subtb_lambda)
 
 
-def _optimizer(sampler: DiffusionSampler, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(sampler: DiffusionSampler, cfg: ToyConfig) -> torch.optim.Optimizer:
     policy = [p for n, p in sampler.named_parameters() if n != "log_z"]
     return torch.optim.Adam(
         [{"params": policy, "lr": cfg.lr}, {"params": [sampler.log_z], "lr": cfg.lr_log_z}]
     )
 
 
-def _set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, frac: float) -> None:
+def _set_lr(opt: torch.optim.Optimizer, cfg: ToyConfig, frac: float) -> None:
     """Cosine decay of the policy's lr from ``lr`` to ``lr_final`` (log Z keeps its lr)."""
     opt.param_groups[0]["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (
         1 + math.cos(math.pi * frac)
@@ -206,7 +219,7 @@ def _reward(target: Target, x: Tensor, objective: str) -> Tensor:
 
 
 def train(
-    cfg: TrainConfig,
+    cfg: ToyConfig,
     target: Target,
     sampler: DiffusionSampler | None = None,
     progress: bool = True,
@@ -306,5 +319,5 @@ def train(
     return result
 
 
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+def config_dict(cfg: ToyConfig) -> dict[str, Any]:
     return asdict(cfg)

@@ -20,6 +20,7 @@ from steer.diffusion import (
     require_frozen,
     scheduler_from_config,
 )
+from steer.images import to_unit
 from steer.train.config import FinetuneConfig, ModelConfig
 from steer.train.modules import FlowNetwork, LogZNetwork, LogZTable
 from steer.train.prompts import load_prompts
@@ -41,13 +42,13 @@ class Components:
 
 def _pixels(x: Tensor) -> Tensor:
     """A pixel-space sample in ``[-1, 1]`` → images ``[B, 3, H, W]`` in ``[0, 1]``."""
-    img = (x.float() / 2 + 0.5).clamp(0, 1)
+    img = to_unit(x.float())
     return img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img
 
 
 def _latent_decoder(pipe: Any) -> Decode:
     def decode(latents: Tensor) -> Tensor:
-        return (pipe.decode_latents(latents).float() / 2 + 0.5).clamp(0, 1)
+        return to_unit(pipe.decode_latents(latents).float())
 
     return decode
 

@@ -19,7 +19,7 @@ To add an objective: subclass :class:`GFlowNetObjective` (write ``loss_of_log_pf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +29,19 @@ from steer.objectives import group_normalise
 from steer.train.batch import RolloutBatch, StepTerms
 from steer.trajectory import Trajectory
 
-if TYPE_CHECKING:
-    from steer.train.config import ObjectiveConfig
+
+class ObjectiveConfig(Protocol):
+    """The settings an objective reads (``steer.train.config.ObjectiveConfig`` has them; a
+    protocol here so that the config imports the objectives, never the reverse)."""
+
+    name: str
+    penalty: str
+    subtb_lambda: float
+    clip_range: float
+    ratio_per_dim: bool
+    kl_weight: float
+    advantage_clip: float
+
 
 PENALTIES: dict[str, O.Penalty] = {"squared": O.squared, "huber": O.huber, "log_cosh": O.log_cosh}
 

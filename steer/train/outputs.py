@@ -11,8 +11,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
-from torch import Tensor
 
+from steer.images import diversity, save_grid
 from steer.train.config import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -52,26 +52,6 @@ def _flat_scalars(d: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float, str, bool)):
             out[prefix + k] = v
     return out
-
-
-def diversity(images: Tensor) -> float:
-    """Mean pairwise L2 distance between flattened images ``[N, ...]``."""
-    flat = images.flatten(1).float()
-    n = flat.shape[0]
-    if n < 2:
-        return 0.0
-    d = torch.cdist(flat, flat)
-    return float(d.sum() / (n * (n - 1)))
-
-
-def save_grid(images: Tensor, path: Path, nrow: int | None = None) -> None:
-    """Images ``[N, 3, H, W]`` in ``[0, 1]`` → one PNG grid."""
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(
-        images.float().cpu(), str(path), nrow=nrow or max(1, int(len(images) ** 0.5)), padding=1
-    )
 
 
 def evaluate(run: Run, tag: str) -> dict[str, float]:
