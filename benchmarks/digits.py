@@ -40,6 +40,8 @@ LOOP_METHODS = {
     # the RL baselines are on-policy: no exploration noise (the preset's 0.15 is off-policy data)
     "ddpo": ["objective.name=ddpo", "train.exploration_scale=0"],
     "dpok": ["objective.name=dpok", "train.exploration_scale=0"],
+    # groups of 4 samples per "prompt" (the unconditional task): 4 groups per batch of 16
+    "grpo": ["objective.name=grpo", "train.exploration_scale=0"],
 }
 METHODS = (*LOOP_METHODS, "rejection-ft")
 FOLDER = Path(__file__).with_name("digits")

@@ -23,7 +23,7 @@ from steer.train.config import load_config
 from steer.train.loop import setup
 from steer.train.run import sample, train_on_batch
 
-OBJECTIVES = ("tb", "rtb", "db", "ddpo", "dpok")
+OBJECTIVES = ("tb", "rtb", "db", "ddpo", "dpok", "grpo")
 
 
 class Timer:

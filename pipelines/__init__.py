@@ -13,17 +13,23 @@ from typing import Any
 from steer.pipelines._common import SteerPipelineOutput
 from steer.pipelines.ddpm import SteerDDPMPipeline
 from steer.pipelines.stable_diffusion import SteerStableDiffusionPipeline
+from steer.pipelines.stable_diffusion_3 import SteerStableDiffusion3Pipeline
 
 __all__ = [
     "PIPELINES",
     "SteerDDPMPipeline",
     "SteerPipelineOutput",
+    "SteerStableDiffusion3Pipeline",
     "SteerStableDiffusionPipeline",
     "load_pipeline",
     "pipeline_class",
 ]
 
-PIPELINES: tuple[type, ...] = (SteerDDPMPipeline, SteerStableDiffusionPipeline)
+PIPELINES: tuple[type, ...] = (
+    SteerDDPMPipeline,
+    SteerStableDiffusionPipeline,
+    SteerStableDiffusion3Pipeline,
+)
 
 
 def pipeline_class(name: str) -> type:

@@ -107,6 +107,21 @@ def check_latents(latents: Tensor | None, shape: tuple[int, ...]) -> None:
         raise ValueError(f"latents must have a floating-point dtype, got {latents.dtype}")
 
 
+def prompt_list(prompt: str | list[str], latents: Tensor | None) -> list[str]:
+    """``prompt`` as a non-empty list of str, one per row of ``latents`` (if given)."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    if not prompts:
+        raise ValueError("prompt must not be an empty list")
+    if isinstance(latents, Tensor) and latents.shape[0] != len(prompts):
+        raise ValueError(
+            f"prompt list has {len(prompts)} entries but latents has batch {latents.shape[0]}; "
+            "give one prompt per latent"
+        )
+    return prompts
+
+
 def single_generator(generator: Any) -> torch.Generator | None:
     if generator is None or isinstance(generator, torch.Generator):
         return generator

@@ -67,7 +67,13 @@ def load_state_dict(path: str, *, arg: str) -> dict[str, Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        sd: Any = load_file(path, device="cpu")
+        try:
+            sd: Any = load_file(path, device="cpu")
+        except Exception as err:  # safetensors raises its own SafetensorError (an Exception)
+            raise ValueError(
+                f"{arg}={path!r} cannot be read ({err}): truncated or not a safetensors file; "
+                "download it again"
+            ) from err
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -85,9 +91,19 @@ def load_state_dict(path: str, *, arg: str) -> dict[str, Tensor]:
     return sd
 
 
-def load_strict(module: torch.nn.Module, sd: dict[str, Tensor], *, arg: str, path: str) -> None:
-    """``module.load_state_dict(sd)`` with an error naming the file, missing / unexpected keys
-    and shape mismatches."""
+def load_strict(
+    module: torch.nn.Module,
+    sd: dict[str, Tensor],
+    *,
+    arg: str,
+    path: str,
+    expected: str | None = None,
+    original: dict[str, Tensor] | None = None,
+) -> None:
+    """``module.load_state_dict(sd)`` with an error naming the file, the first missing /
+    unexpected keys, shape mismatches, what the file looks like, and ``expected`` (what the
+    reward wanted, e.g. "open_clip ViT-H-14") in place of the module's class name; ``original``
+    is the file's own state dict when ``sd`` was mapped from it (what the hint describes)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -97,11 +113,14 @@ def load_strict(module: torch.nn.Module, sd: dict[str, Tensor], *, arg: str, pat
         if sd[k].shape != own[k].shape
     ]
     if missing or unexpected or shapes:
+        from ._checkpoints import describe
+
         raise ValueError(
-            f"{arg}={path!r} does not match {type(module).__name__}: "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
-            f"shape mismatches {shapes[:8]}"
+            f"{arg}={path!r} does not match {expected or type(module).__name__}: "
+            f"{len(missing)} missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}"
+            f"{'...' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:8]}. "
+            f"The file looks like {describe(sd if original is None else original)}."
         )
     module.load_state_dict(sd)
 

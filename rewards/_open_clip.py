@@ -5,13 +5,14 @@ weights) that builds offline. open_clip is imported inside functions only."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from . import _hub
-from .base import normalize, resize_center_crop
+from .base import normalize, resize_center_crop, resize_longest_pad
 
 TINY = "tiny-test"
 DEFAULT = "default"
@@ -29,7 +30,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class OpenClip:
-    """A loaded open_clip model with its tokenizer and preprocessing constants."""
+    """A loaded open_clip model with its tokenizer and preprocessing constants.
+
+    ``resize_mode``: ``"shortest"`` (OpenAI CLIP / open_clip: the shorter side to ``size``, center
+    crop) or ``"longest"`` (HPS v2: the longer side to ``size``, zero padding to a square).
+    """
 
     model: nn.Module
     tokenizer: Any
@@ -37,10 +42,16 @@ class OpenClip:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str
+    resize_mode: str = "shortest"
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """``[b, 3, H, W]`` in [0, 1] -> normalised ``[b, 3, size]`` (differentiable)."""
-        return normalize(resize_center_crop(images, self.size), self.mean, self.std)
+        """``[b, 3, H, W]`` in [0, 1] -> normalised ``[b, 3, size]`` (differentiable), with the
+        pixel rounding of the references' PIL pipelines (straight-through gradients)."""
+        if self.resize_mode == "longest":
+            x = resize_longest_pad(images, self.size[0], pil_rounding=True)
+        else:
+            x = resize_center_crop(images, self.size, pil_rounding=True)
+        return normalize(x, self.mean, self.std)
 
     def tokens(self, prompts: list[str], device: Any) -> Tensor:
         return self.tokenizer(prompts).to(device)  # [b, context_length]
@@ -84,16 +95,77 @@ def _tag_file(name: str, tag: str, cfg: dict[str, Any], arg: str, cache_dir: str
         ) from err
 
 
-def load_open_clip(
-    name: str, pretrained: str | None, *, arg: str = "pretrained", cache_dir: str | None = None
+def _quick_gelu(name: str, quick_gelu: bool | None, arg: str, path: str) -> bool:
+    """QuickGELU or GELU for checkpoint file ``path`` of architecture ``name``: a file does not
+    say which, and OpenAI's weights (open_clip's ``openai`` tag) need QuickGELU, which the plain
+    name builds without. Refuse the ambiguous case instead of computing other features."""
+    import open_clip
+
+    if quick_gelu is not None:
+        return quick_gelu
+    if name.endswith("-quickgelu"):
+        return True
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    quick = [t for t in tags if open_clip.get_pretrained_cfg(name, t).get("quick_gelu")]
+    if not quick:
+        return False
+    variant = f"{name}-quickgelu"
+    alt = f"clip_model={variant!r}" if variant in open_clip.list_models() else "quick_gelu=True"
+    raise ValueError(
+        f"{arg}={path!r} is a checkpoint file for clip_model={name!r}, whose open_clip tags "
+        f"{quick} use QuickGELU and the others GELU; the file does not say which, and the wrong "
+        f"activation silently computes other features. For a copy of OpenAI's weights (the "
+        f"'openai' tag, e.g. timm/vit_large_patch14_clip_224.openai; the aesthetic reward's CLIP) "
+        f"pass {alt}; for weights trained with GELU pass quick_gelu=False."
+    )
+
+
+def _from_config(
+    cfg: Mapping[str, Any], pretrained: str | None, arg: str, quick_gelu: bool | None
 ) -> OpenClip:
-    """Build open_clip model ``name`` (an open_clip architecture or "tiny-test").
+    """An open_clip ``CLIP`` from a model config dict (open_clip's JSON layout: ``embed_dim``,
+    ``vision_cfg``, ``text_cfg``, optional ``quick_gelu``), random or from a checkpoint file."""
+    import open_clip
+
+    cfg = dict(cfg)
+    if quick_gelu is not None:
+        cfg["quick_gelu"] = quick_gelu
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        raise ValueError(f"an open_clip model config needs {missing}; got keys {sorted(cfg)}")
+    model = open_clip.CLIP(**cfg)
+    source = "open_clip custom config (random)"
+    if pretrained is not None:
+        path = _hub.resolve(pretrained, arg=arg)
+        sd = _hub.load_state_dict(path, arg=arg)
+        _hub.load_strict(model, sd, arg=arg, path=path, expected="the open_clip config")
+        source = f"open_clip custom config + {path}"
+    ctx = int(cfg["text_cfg"].get("context_length", 77))
+    tok = open_clip.SimpleTokenizer(context_length=ctx)
+    size = _pair(cfg["vision_cfg"].get("image_size", 224))
+    return OpenClip(model, tok, size, OPENAI_MEAN, OPENAI_STD, source)
+
+
+def load_open_clip(
+    name: str | Mapping[str, Any],
+    pretrained: str | None,
+    *,
+    arg: str = "pretrained",
+    cache_dir: str | None = None,
+    quick_gelu: bool | None = None,
+) -> OpenClip:
+    """Build open_clip model ``name``: an open_clip architecture, "tiny-test", or a model config
+    dict (open_clip's JSON layout, e.g. a reduced-size architecture).
 
     ``pretrained``: ``"default"`` (the tag of ``DEFAULT_TAGS``), an open_clip tag, a checkpoint
-    path, or None for random weights.
+    path, or None for random weights. ``quick_gelu``: None takes the tag's activation; with a
+    checkpoint file of an architecture that has QuickGELU tags (OpenAI's), it must be given (or
+    the ``-quickgelu`` architecture named), else ValueError.
     """
     import open_clip
 
+    if isinstance(name, Mapping):
+        return _from_config(name, pretrained, arg, quick_gelu)
     if pretrained == DEFAULT:
         if name not in DEFAULT_TAGS:
             tags = open_clip.list_pretrained_tags_by_model(name)
@@ -112,30 +184,45 @@ def load_open_clip(
         return OpenClip(model, tok, size, OPENAI_MEAN, OPENAI_STD, "random (tiny-test)")
     if name not in open_clip.list_models():
         raise ValueError(
-            f"clip_model={name!r} is not an open_clip architecture; choose 'tiny-test' or one "
-            f"of open_clip.list_models(), e.g. {', '.join(sorted(DEFAULT_TAGS)[:2])}"
+            f"clip_model={name!r} is not an open_clip architecture; choose 'tiny-test', a model "
+            f"config dict, or one of open_clip.list_models(), e.g. "
+            f"{', '.join(sorted(DEFAULT_TAGS)[:2])}"
         )
-    # 2. resolve the checkpoint file: tag -> hub cache / download; path -> as is
+    # 2. resolve the checkpoint: a tag (hub cache / download) or a file; its activation
     cfg: dict[str, Any] = {}
     path: str | None = None
+    quick = bool(quick_gelu)
     if pretrained is not None:
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if cfg:
             path = _tag_file(name, pretrained, cfg, arg, cache_dir)
+            quick = bool(cfg.get("quick_gelu", False))
+            if quick_gelu is not None and quick_gelu != quick:
+                raise ValueError(
+                    f"quick_gelu={quick_gelu} contradicts open_clip tag {name}/{pretrained}, "
+                    f"which uses {'QuickGELU' if quick else 'GELU'}; leave quick_gelu=None"
+                )
         elif os.path.isfile(pretrained):
             path = pretrained
+            quick = _quick_gelu(name, quick_gelu, arg, path)
         else:
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise FileNotFoundError(
                 f"{arg}={pretrained!r} is neither an open_clip tag of {name} ({tags}) nor an "
                 "existing checkpoint file"
             )
-    model = open_clip.create_model(
-        name, pretrained=path, force_quick_gelu=bool(cfg.get("quick_gelu", False))
-    )
+    # 3. the architecture, then the weights (tag: open_clip's loader; file: a strict load whose
+    #    error names the file, the first missing / unexpected keys and what the file looks like)
+    model = open_clip.create_model(name, pretrained=path if cfg else None, force_quick_gelu=quick)
+    if path is not None and not cfg:
+        sd = _hub.load_state_dict(path, arg=arg)
+        _hub.load_strict(model, sd, arg=arg, path=path, expected=f"open_clip {name}")
     tok = open_clip.get_tokenizer(name)
     size = _pair(model.visual.image_size)
     mean = tuple(cfg.get("mean", OPENAI_MEAN))
     std = tuple(cfg.get("std", OPENAI_STD))
-    source = f"open_clip {name}/{pretrained}" if pretrained else f"open_clip {name} (random)"
+    act = "QuickGELU" if quick else "GELU"
+    source = (
+        f"open_clip {name}/{pretrained} ({act})" if pretrained else f"open_clip {name} (random)"
+    )
     return OpenClip(model, tok, size, mean, std, source)

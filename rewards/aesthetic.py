@@ -5,6 +5,8 @@ embedding. Preprocessing is done in torch, so gradients reach the pixels."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -60,27 +62,35 @@ class AestheticReward(Reward):
 
 
 def aesthetic(
-    clip_model: str = "ViT-L-14",
+    clip_model: str | Mapping[str, Any] = "ViT-L-14",
     pretrained: str | None = DEFAULT,
     weights: str | os.PathLike[str] | None = DEFAULT_AESTHETIC_WEIGHTS,
     batch_size: int = 32,
     cache_dir: str | None = None,
+    quick_gelu: bool | None = None,
 ) -> AestheticReward:
     """The LAION aesthetic reward.
 
     Args:
-        clip_model: open_clip architecture ("ViT-L-14") or "tiny-test" (random, offline).
+        clip_model: open_clip architecture ("ViT-L-14"; "ViT-L-14-quickgelu" for a local copy of
+            OpenAI's weights), "tiny-test" (random, offline), or a model config dict.
         pretrained: open_clip tag ("default" = "openai"), a checkpoint path, or None (random).
         weights: MLP weights: a path, "hf-hub:owner/repo/file", or None (random init).
         batch_size: images per forward pass.
         cache_dir: hub cache folder.
+        quick_gelu: activation for a checkpoint file (OpenAI's CLIP: True); None takes the
+            tag's, and refuses a ViT-L-14 file, which could hold either.
     """
     path = None if weights is None else _hub.resolve(weights, arg="weights", cache_dir=cache_dir)
-    clip = load_open_clip(clip_model, pretrained, arg="pretrained", cache_dir=cache_dir)
+    clip = load_open_clip(
+        clip_model, pretrained, arg="pretrained", cache_dir=cache_dir, quick_gelu=quick_gelu
+    )
     mlp = RewardMLP(int(clip.model.visual.output_dim))  # 768 for ViT-L-14
     if path is None:
         mlp_source = "random MLP"
     else:
-        _hub.load_strict(mlp, _hub.load_state_dict(path, arg="weights"), arg="weights", path=path)
+        sd = _hub.load_state_dict(path, arg="weights")
+        expected = f"the aesthetic MLP on {mlp.layers[0].in_features}-d CLIP embeddings"
+        _hub.load_strict(mlp, sd, arg="weights", path=path, expected=expected)
         mlp_source = f"MLP {os.fspath(weights)}"  # type: ignore[arg-type]
     return AestheticReward(clip, mlp, f"{clip.source} + {mlp_source}", batch_size).freeze()

@@ -12,6 +12,8 @@ device and dtype.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +26,8 @@ __all__ = [
     "check_images",
     "check_prompts",
     "resize_center_crop",
+    "resize_longest_pad",
+    "quantize_uint8",
     "normalize",
 ]
 
@@ -99,9 +103,81 @@ def check_prompts(prompts: object, batch: int, required: bool, name: str) -> lis
     return list(prompts)
 
 
-def resize_center_crop(images: Tensor, size: int | tuple[int, int]) -> Tensor:
+def quantize_uint8(images: Tensor) -> Tensor:
+    """Round ``[0, 1]`` values to the 256 levels of uint8 in the forward pass, with the identity
+    as gradient (straight-through): what a PIL round trip does to the pixels, differentiably."""
+    return images + (torch.floor(images * 255 + 0.5) / 255 - images).detach()  # half up, as PIL
+
+
+def _bicubic(images: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+
+_PIL_BITS = 22  # Pillow's PRECISION_BITS for 8-bit images (32 - 8 - 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _pil_weights(in_size: int, out_size: int) -> Tensor:
+    """Pillow's bicubic (a = -0.5) resampling matrix ``[out, in]`` for uint8 images: the
+    antialiased support, each row normalised, then rounded to integers at 22 bits as Pillow's
+    ``normalize_coeffs_8bpc`` does (float64, exact)."""
+
+    def cubic(x: float) -> float:
+        a, x = -0.5, abs(x)
+        if x < 1.0:
+            return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * a if x < 2.0 else 0.0
+
+    scale = in_size / out_size
+    fscale = max(scale, 1.0)
+    support = 2.0 * fscale
+    w = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        k = [cubic((j - center + 0.5) / fscale) for j in range(lo, hi)]
+        total = sum(k)
+        k = [v / total for v in k] if total != 0.0 else k
+        one = float(1 << _PIL_BITS)
+        w[i, lo:hi] = torch.tensor(
+            [math.floor(0.5 + v * one) if v >= 0 else math.ceil(-0.5 + v * one) for v in k],
+            dtype=torch.float64,
+        )
+    return w
+
+
+def _pil_pass(x: Tensor, dim: int, out_size: int) -> Tensor:
+    """One Pillow resampling pass of uint8-valued ``x`` along ``dim`` (-1: width, -2: height):
+    the forward value is Pillow's integer arithmetic (round half up, clip to uint8), the gradient
+    that of the same weights in float (straight-through)."""
+    w = _pil_weights(x.shape[dim], out_size).to(x.device)  # [out, in], integers
+    xt = x.transpose(dim, -1)
+    smooth = xt @ (w / (1 << _PIL_BITS)).to(x.dtype).T  # [..., out]
+    with torch.no_grad():
+        acc = torch.floor((xt.double() * 255).round() @ w.T + (1 << (_PIL_BITS - 1)))
+        exact = (torch.floor(acc / (1 << _PIL_BITS)).clamp(0, 255) / 255).to(x.dtype)
+    return (smooth + (exact - smooth).detach()).transpose(dim, -1)
+
+
+def resize_center_crop(
+    images: Tensor,
+    size: int | tuple[int, int],
+    floor_offsets: bool = False,
+    pil_rounding: bool = False,
+) -> Tensor:
     """Differentiable counterpart of ``Resize(shortest side, bicubic) + CenterCrop`` on
-    ``[B, 3, H, W]`` images in [0, 1]; the result is clamped to [0, 1] like a PIL round trip."""
+    ``[B, 3, H, W]`` images in [0, 1]; the result is clamped to [0, 1] like a PIL round trip.
+
+    The crop starts at ``round(excess / 2)`` as torchvision's ``CenterCrop`` (OpenAI CLIP, BLIP,
+    open_clip), or at ``excess // 2`` with ``floor_offsets`` as transformers' image processors
+    (PickScore): the two differ by one pixel when the excess is 3 mod 4. ``pil_rounding``
+    reproduces Pillow's resize of a uint8 image, which the references run: the input rounded to
+    uint8, then Pillow's horizontal and vertical passes with its integer weights, each rounded
+    and clipped to uint8, so that the forward pass equals Pillow's; gradients are those of the
+    same weights in float (straight-through rounding). Without it one float antialiased bicubic
+    resize is done (up to ~7/255 from Pillow's pixels).
+    """
     out_h, out_w = (size, size) if isinstance(size, int) else size
     _, _, h, w = images.shape
     # 1. scale so that the shorter side matches the crop's (OpenAI CLIP / BLIP eval transforms);
@@ -113,16 +189,51 @@ def resize_center_crop(images: Tensor, size: int | tuple[int, int]) -> Tensor:
     else:
         scale = max(out_h / h, out_w / w)
         new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        dtype = images.dtype  # antialiased bicubic in float32 for half / bfloat16 inputs
+    dtype = images.dtype  # antialiased bicubic in float32 for half / bfloat16 inputs
+    x = images.float() if dtype in (torch.float16, torch.bfloat16) else images
+    if pil_rounding:
+        x = quantize_uint8(x)
+        if new_w != w:  # Pillow: the horizontal pass first, into a uint8 image
+            x = _pil_pass(x, -1, new_w)
+        if new_h != h:
+            x = _pil_pass(x, -2, new_h)
+    elif (new_h, new_w) != (h, w):
+        x = _bicubic(x, (new_h, new_w))
+    # 2. center crop
+    if floor_offsets:
+        top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    else:
+        top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))
+    x = x[:, :, top : top + out_h, left : left + out_w]  # [B, 3, out_h, out_w]
+    return x.clamp(0.0, 1.0).to(dtype)
+
+
+def resize_longest_pad(
+    images: Tensor, size: int, fill: float = 0.0, pil_rounding: bool = False
+) -> Tensor:
+    """Differentiable counterpart of HPS v2's evaluation transform (``ResizeMaxSize``) on
+    ``[B, 3, H, W]`` images in [0, 1]: scale so that the *longer* side is ``size`` (bicubic,
+    antialiased, on float pixels as HPS resizes after ``ToTensor``; not clamped), then pad with
+    ``fill`` to ``size x size``, the left / top getting the smaller half. ``pil_rounding``
+    rounds the input to uint8 (straight-through), as HPS's PIL input is."""
+    if pil_rounding:
+        images = quantize_uint8(images)
+    _, _, h, w = images.shape
+    scale = size / float(max(h, w))
+    if scale != 1.0:
+        new_h, new_w = round(h * scale), round(w * scale)  # Python's round, as HPS
+        dtype = images.dtype
         work = images.float() if dtype in (torch.float16, torch.bfloat16) else images
         images = F.interpolate(
             work, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
         ).to(dtype)
-    # 2. center crop
-    top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))
-    images = images[:, :, top : top + out_h, left : left + out_w]  # [B, 3, out_h, out_w]
-    return images.clamp(0.0, 1.0)
+    # HPS pads only when it resized; an image whose longer side is already ``size`` is padded
+    # here too (HPS would hand the model a non-square image, which its ViT refuses)
+    pad_h, pad_w = size - images.shape[2], size - images.shape[3]
+    if pad_h or pad_w:
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+        images = F.pad(images, pads, mode="constant", value=fill)
+    return images  # [B, 3, size, size]
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -186,10 +297,15 @@ class Reward(nn.Module):
             stop = min(start + self.batch_size, batch)
             x = images[start:stop].to(device=device, dtype=dtype)
             s = self.score(x, None if plist is None else plist[start:stop])
+            if not isinstance(s, Tensor):
+                raise TypeError(
+                    f"reward {self.name!r}: score() returned {type(s).__name__}; it must return "
+                    f"a tensor of {stop - start} scores, one per image"
+                )
             if s.shape != (stop - start,):
-                raise RuntimeError(
-                    f"reward {self.name!r}: score() returned shape {tuple(s.shape)}, "
-                    f"expected ({stop - start},)"
+                raise ValueError(
+                    f"reward {self.name!r}: score() returned shape {tuple(s.shape)}, expected "
+                    f"({stop - start},), one score per image (e.g. squeeze a [b, 1] output)"
                 )
             # 3. never turn a non-finite score into a number: name the reward and the index
             bad = (~torch.isfinite(s.detach())).nonzero().flatten()

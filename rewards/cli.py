@@ -40,6 +40,10 @@ def table(markdown: bool = True) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if list(argv or [])[:1] == ["verify"]:  # steer rewards verify NAME --weights PATH
+        from .verify import main as verify_main
+
+        return verify_main(list(argv or [])[1:])
     parser = argparse.ArgumentParser(
         prog="steer rewards", description="List the reward registry (builds no model)."
     )
@@ -50,10 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(list(argv or []))
     if args.test_kwargs:
+        try:
+            kwargs = test_kwargs(args.test_kwargs)
+        except KeyError as err:  # an unknown name: one line with the valid ones, status 2
+            parser.exit(2, f"{parser.prog}: error: {err.args[0]}\n")
         print(
             {
                 k: v if isinstance(v, (str, int, float, type(None), list)) else repr(v)
-                for k, v in test_kwargs(args.test_kwargs).items()
+                for k, v in kwargs.items()
             }
         )
         return 0

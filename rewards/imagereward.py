@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,10 +47,19 @@ _VISION_RULES = [
 ]
 
 
-def blip_configs(size: str, vocab_size: int = 30524) -> tuple[Any, Any]:
-    """(BlipVisionConfig, BlipTextConfig) of ImageReward ("large") or of the test form."""
+def blip_configs(size: str | Mapping[str, Any], vocab_size: int = 30524) -> tuple[Any, Any]:
+    """(BlipVisionConfig, BlipTextConfig) of ImageReward ("large"), of the test form
+    ("tiny-test"), or of "large" with overrides ``{"vision": {...}, "text": {...}}`` (keyword
+    arguments of ``BlipVisionConfig`` / ``BlipTextConfig``; reduced sizes for parity tests)."""
     from transformers import BlipTextConfig, BlipVisionConfig
 
+    overrides: dict[str, dict[str, Any]] = {"vision": {}, "text": {}}
+    if isinstance(size, Mapping):
+        unknown = sorted(set(size) - set(overrides))
+        if unknown:
+            raise ValueError(f"blip overrides take the keys 'vision' and 'text', got {unknown}")
+        overrides.update({k: dict(v) for k, v in size.items()})
+        size = "large"
     if size == "large":
         v = dict(
             hidden_size=1024,
@@ -83,12 +93,13 @@ def blip_configs(size: str, vocab_size: int = 30524) -> tuple[Any, Any]:
             max_position_embeddings=64,
         )
     else:
-        raise ValueError(f"blip must be 'large' or 'tiny-test', got {size!r}")
+        raise ValueError(f"blip must be 'large', 'tiny-test' or a dict of overrides, got {size!r}")
+    v.update(overrides["vision"])
+    t = {"vocab_size": vocab_size, **t, **overrides["text"]}
     vision = BlipVisionConfig(**v, layer_norm_eps=1e-6, hidden_act="gelu", initializer_range=0.02)
     # is_decoder=True gives every layer its cross-attention block; forward runs bidirectionally
     text = BlipTextConfig(
         **t,
-        vocab_size=vocab_size,
         encoder_hidden_size=v["hidden_size"],
         layer_norm_eps=1e-12,
         hidden_act="gelu",
@@ -174,7 +185,8 @@ class ImageReward(Reward):
 
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
         assert prompts is not None  # checked by Reward.forward (needs_prompts)
-        pixels = normalize(resize_center_crop(images, self.input_size), OPENAI_MEAN, OPENAI_STD)
+        pixels = resize_center_crop(images, self.input_size, pil_rounding=True)  # as PIL
+        pixels = normalize(pixels, OPENAI_MEAN, OPENAI_STD)
         tok = self.tokenizer(
             prompts,
             padding="max_length",
@@ -204,7 +216,7 @@ def _bert_tokenizer(ident: str, cache_dir: str | None) -> Any:
 
 def imagereward(
     weights: str | os.PathLike[str] | None = DEFAULT,
-    blip: str = "large",
+    blip: str | Mapping[str, Any] = "large",
     tokenizer: str = DEFAULT,
     batch_size: int = 16,
     cache_dir: str | None = None,
@@ -214,29 +226,41 @@ def imagereward(
     Args:
         weights: "default" (hub THUDM/ImageReward, ImageReward.pt), a path,
             "hf-hub:owner/repo/file", or None (random weights).
-        blip: "large" (the ImageReward architecture) or "tiny-test" (random, offline).
+        blip: "large" (the ImageReward architecture), "tiny-test" (random, offline), or
+            overrides of "large" ``{"vision": {...}, "text": {...}}`` (see :func:`blip_configs`).
         tokenizer: BERT tokenizer id or folder; "default" is bert-base-uncased (or the offline
             tokenizer of :mod:`steer.rewards.tiny` for "tiny-test").
     """
-    if blip not in ("large", TINY):
-        raise ValueError(f"blip must be 'large' or 'tiny-test', got {blip!r}")
+    if not isinstance(blip, Mapping) and blip not in ("large", TINY):
+        raise ValueError(f"blip must be 'large', 'tiny-test' or a dict of overrides, got {blip!r}")
     if blip == TINY:
         from .tiny import bert_tokenizer
 
         if weights == DEFAULT or tokenizer not in (DEFAULT, TINY):
             raise ValueError("blip='tiny-test' takes weights=None or a path, and no tokenizer")
         tok = bert_tokenizer()
+        vision, text = blip_configs(TINY, vocab_size=len(tok))
     else:
         ident = IMAGEREWARD_TOKENIZER if tokenizer == DEFAULT else tokenizer
         tok = _bert_tokenizer(ident, cache_dir)
-        _hub.check_vocab(tok, 30524, arg="tokenizer", ident=ident)
+        vision, text = blip_configs(blip)
+        _hub.check_vocab(tok, text.vocab_size, arg="tokenizer", ident=ident)
     weights = IMAGEREWARD_WEIGHTS if weights == DEFAULT else weights
     path = None if weights is None else _hub.resolve(weights, arg="weights", cache_dir=cache_dir)
-    vision, text = blip_configs(blip, vocab_size=30524 if blip == "large" else len(tok))
     model = ImageRewardModel(vision, text)
-    source = f"random ImageReward ({blip})"
+    arch = blip if isinstance(blip, str) else "large with overrides"
+    source = f"random ImageReward ({arch})"
     if path is not None:
-        mapped, _ = map_checkpoint(_hub.load_state_dict(path, arg="weights"))
-        _hub.load_strict(model, mapped, arg="weights", path=path)
+        sd = _hub.load_state_dict(path, arg="weights")
+        try:
+            mapped, _ = map_checkpoint(sd)
+        except ValueError as err:
+            from ._checkpoints import describe
+
+            raise ValueError(
+                f"weights={path!r}: {err}; the file looks like {describe(sd)}"
+            ) from None
+        expected = f"ImageReward (BLIP {arch})"
+        _hub.load_strict(model, mapped, arg="weights", path=path, expected=expected, original=sd)
         source = f"ImageReward {os.fspath(weights)} mapped onto transformers BLIP"
     return ImageReward(model, tok, source, batch_size).freeze()

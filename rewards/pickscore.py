@@ -50,7 +50,9 @@ class PickScoreReward(Reward):
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
         assert prompts is not None  # checked by Reward.forward (needs_prompts)
         # 1. pixels as the CLIP processor would prepare them, in torch
-        pixels = normalize(resize_center_crop(images, self.input_size), self.mean, self.std)
+        # as transformers' PIL image processor: uint8 PIL resize, crop offsets rounded down
+        pixels = resize_center_crop(images, self.input_size, floor_offsets=True, pil_rounding=True)
+        pixels = normalize(pixels, self.mean, self.std)
         tok = self.tokenizer(
             prompts,
             padding="max_length",

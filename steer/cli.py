@@ -2,14 +2,23 @@
 
 Each subcommand lives beside the code it drives and is imported only when called, so that
 ``steer --help`` stays fast and ``steer exact`` never imports diffusers.
+
+Bad input ends in one line ``steer <cmd>: error: ...`` and exit status 2, never a traceback: a
+:class:`~steer.config.ConfigError`, or a ``ValueError`` / ``TypeError`` / ``KeyError`` /
+``OSError`` raised while the subcommand checks its input and sets up (inside
+:func:`steer.config.input_phase`). An exception of the work itself (a training step, a sampler)
+keeps its traceback; ``STEER_TRACEBACK=1`` shows the traceback of bad input too. The line is
+drawn in docs/reliability.md.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
 import importlib
 import sys
 from collections.abc import Sequence
+
+from steer.config import ArgumentParser, exit_on_input_error
 
 # name -> (module exposing ``main(argv) -> int``, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -28,8 +37,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="steer",
         description="Steer pretrained diffusion models toward a reward or a target density.",
     )
@@ -47,9 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
-        parser.error(f"unknown command {command!r}; choose from {', '.join(SUBCOMMANDS)}")
+        close = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        parser.error(f"unknown command {command!r}; {hint}choose from {', '.join(SUBCOMMANDS)}")
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    return exit_on_input_error(f"steer {command}", lambda: int(module.main(rest) or 0))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,15 @@ onto the dataclass's defaults with OmegaConf (each value is type-checked against
 annotation), then builds the dataclass, whose ``__post_init__`` validates it. Every mistake is
 one :class:`ConfigError` line naming the key, the value and the fix; commands print it and exit
 with status 2. :func:`add_field_flags` and :func:`parse_overrides` give a command line both
-``key=value`` overrides and the ``--field-name value`` flags, translated to overrides.
+``key=value`` overrides and the ``--field-name value`` flags, translated to overrides;
+:func:`check_number` and :func:`check_choice` are the range and choice checks of the dataclasses.
+
+Where a command draws the line between bad input and a bug (docs/reliability.md): code that
+checks input runs inside :func:`input_phase`, which marks the ``ValueError``, ``TypeError``,
+``KeyError`` or ``OSError`` it raises as bad input; :func:`exit_on_input_error`, at the command
+line's edge, prints a marked error (and any :class:`ConfigError`) as one line
+``steer <cmd>: error: ...`` and exits with status 2. Any other exception keeps its traceback, and
+``STEER_TRACEBACK=1`` shows the traceback of a marked one too.
 
 Torch-free: OmegaConf and the standard library only.
 """
@@ -13,14 +21,18 @@ Torch-free: OmegaConf and the standard library only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
+import math
+import os
+import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -32,8 +44,17 @@ from omegaconf.errors import (
 )
 
 __all__ = [
+    "INPUT_ERRORS",
+    "TRACEBACK_ENV",
+    "ArgumentParser",
     "ConfigError",
     "add_field_flags",
+    "check_choice",
+    "check_number",
+    "error_line",
+    "exit_on_input_error",
+    "input_phase",
+    "is_input_error",
     "load_structured",
     "parse_overrides",
     "save_yaml",
@@ -45,6 +66,109 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration mistake, as one line naming the key, the value and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# checks of one field
+# --------------------------------------------------------------------------------------------
+def check_choice(name: str, value: object, valid: Sequence[object]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``valid``: ``name='x' is not valid;
+    choose one of a, b``."""
+    if value not in valid:
+        choices = ", ".join(map(str, valid))
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}")
+
+
+def _bound(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """``> 0``, ``in (0, 1]``: the range as a user reads it."""
+    lo, hi = (x if x is None or isinstance(x, int) else f"{x:g}" for x in (low, high))
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {lo}"
+    return f"{'<' if high_open else '<='} {hi}"
+
+
+def check_number(
+    name: str,
+    value: float | int,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    finite: bool = True,
+) -> None:
+    """Raise ``ValueError`` unless ``value`` lies in the range (``gt`` / ``ge`` below, ``lt`` /
+    ``le`` above): ``name must be > 0, got -1``. NaN never passes; ±inf only with
+    ``finite=False``."""
+    low, low_open = (gt, True) if gt is not None else (ge, False)
+    high, high_open = (lt, True) if lt is not None else (le, False)
+    bound = "" if low is None and high is None else _bound(low, high, low_open, high_open)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number {bound}, got {value!r}".replace("  ", " "))
+    if math.isnan(value) or (finite and math.isinf(value)):
+        kind = "a finite number" if finite else "a number"
+        raise ValueError(f"{name} must be {kind} {bound}".rstrip() + f", got {value!r}")
+    ok = True
+    if low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# bad input at the command line: one line, status 2
+# --------------------------------------------------------------------------------------------
+INPUT_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, OSError)
+TRACEBACK_ENV = "STEER_TRACEBACK"  # set to 1: marked errors keep their traceback too
+_MARK = "_steer_bad_input"
+
+
+@contextlib.contextmanager
+def input_phase() -> Iterator[None]:
+    """Mark an :data:`INPUT_ERRORS` exception raised inside as bad input (an attribute on the
+    exception: its type, message and traceback are unchanged for Python callers)."""
+    try:
+        yield
+    except INPUT_ERRORS as err:
+        with contextlib.suppress(AttributeError):  # an exception type without a __dict__
+            setattr(err, _MARK, True)
+        raise
+
+
+def is_input_error(err: BaseException) -> bool:
+    """A :class:`ConfigError`, or an exception raised inside :func:`input_phase`."""
+    return isinstance(err, ConfigError) or getattr(err, _MARK, False) is True
+
+
+def error_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a ``KeyError``'s without the quotes ``str`` adds)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+def exit_on_input_error(prog: str, run: Callable[[], int]) -> int:
+    """``run()``; bad input (:func:`is_input_error`) becomes one line ``prog: error: ...`` on
+    stderr and ``SystemExit(2)``. Anything else propagates with its traceback."""
+    try:
+        return run()
+    except Exception as err:
+        if not is_input_error(err) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"{prog}: error: {error_line(err)}\n")
+        raise SystemExit(2) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line too: ``prog: error: ... (see prog
+    --help)``, status 2 (argparse prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _type_name(tp: Any) -> str:

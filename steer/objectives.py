@@ -75,6 +75,19 @@ def _per_trajectory(x: Tensor, name: str) -> Tensor:
     raise ValueError(f"{name} must have shape [B, T] or [B], got {tuple(x.shape)}")
 
 
+def _per_trajectory_pair(a: Tensor, b: Tensor, name_a: str, name_b: str) -> tuple[Tensor, Tensor]:
+    """Both per-step inputs of one trajectory, summed (:func:`_per_trajectory`); two ``[B, T]``
+    inputs must have the same number of steps (a ``[B]`` sum goes with either)."""
+    sums = _per_trajectory(a, name_a), _per_trajectory(b, name_b)
+    if a.ndim == 2 and b.ndim == 2 and a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{name_a} has {a.shape[1]} steps ({tuple(a.shape)}) but {name_b} has {b.shape[1]} "
+            f"({tuple(b.shape)}); give both [B, T] over the same T steps (zero-pad the shorter "
+            "one's padded steps), or pass per-trajectory sums [B]"
+        )
+    return sums
+
+
 def _same_batch(**tensors: Tensor) -> int:
     sizes = {name: t.shape[0] for name, t in tensors.items()}
     if len(set(sizes.values())) != 1:
@@ -134,6 +147,8 @@ def group_mean(values: Tensor, group: Tensor | None) -> Tensor:
 def group_normalise(values: Tensor, group: Tensor | None, clip: float, eps: float = 1e-6) -> Tensor:
     """Advantages: ``(r - mean_g) / (std_g + eps)`` per group of equal ids (or the whole batch),
     clipped to ``[-clip, clip]``. Shape ``[B]``."""
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip}; it bounds the advantages to [-clip, clip]")
     ids = torch.zeros_like(values, dtype=torch.long) if group is None else group
     mean = group_mean(values, ids)  # [B]
     std = group_mean((values - mean) ** 2, ids).sqrt()  # [B]
@@ -152,7 +167,7 @@ def trajectory_balance(
     Shapes: ``log_pf``, ``log_pb`` ``[B, T]`` or ``[B]``; ``log_reward`` ``[B]``; ``log_z`` a
     scalar, ``[1]`` or ``[B]`` (one learned value per prompt, gathered). Returns ``[B]``.
     """
-    pf, pb = _per_trajectory(log_pf, "log_pf"), _per_trajectory(log_pb, "log_pb")
+    pf, pb = _per_trajectory_pair(log_pf, log_pb, "log_pf", "log_pb")
     log_reward = _check_log_reward(log_reward)
     batch = _same_batch(log_pf=pf, log_pb=pb, log_reward=log_reward)
     return _check_log_z(log_z, batch) + pf - log_reward - pb
@@ -167,7 +182,7 @@ def vargrad(
     The estimate is not detached: the squared penalty then gives exactly the gradient of the
     sample variance. Returns ``[B]``; a group of size one has residual 0.
     """
-    pf, pb = _per_trajectory(log_pf, "log_pf"), _per_trajectory(log_pb, "log_pb")
+    pf, pb = _per_trajectory_pair(log_pf, log_pb, "log_pf", "log_pb")
     log_reward = _check_log_reward(log_reward)
     _same_batch(log_pf=pf, log_pb=pb, log_reward=log_reward)
     log_weight = log_reward + pb - pf  # [B]: a single-sample estimate of log Z
@@ -182,8 +197,7 @@ def relative_trajectory_balance(
 
     At zero residual for every τ the posterior samples ``∝ p_prior(x) r(x)``. Returns ``[B]``.
     """
-    post = _per_trajectory(log_pf_post, "log_pf_post")
-    prior = _per_trajectory(log_pf_prior, "log_pf_prior")
+    post, prior = _per_trajectory_pair(log_pf_post, log_pf_prior, "log_pf_post", "log_pf_prior")
     log_reward = _check_log_reward(log_reward)
     batch = _same_batch(log_pf_post=post, log_pf_prior=prior, log_reward=log_reward)
     return _check_log_z(log_z, batch) + post - log_reward - prior
@@ -194,8 +208,7 @@ def relative_vargrad(
 ) -> Tensor:
     """Relative VarGrad (3.7), Venkatraman et al. 2024: RTB with ``log Z`` replaced by its batch
     (or per-group) estimate ``mean(log r + log P_F^prior - log P_F^post)``. Returns ``[B]``."""
-    post = _per_trajectory(log_pf_post, "log_pf_post")
-    prior = _per_trajectory(log_pf_prior, "log_pf_prior")
+    post, prior = _per_trajectory_pair(log_pf_post, log_pf_prior, "log_pf_post", "log_pf_prior")
     log_reward = _check_log_reward(log_reward)
     _same_batch(log_pf_post=post, log_pf_prior=prior, log_reward=log_reward)
     log_weight = log_reward + prior - post  # [B]
@@ -206,6 +219,19 @@ def relative_vargrad(
 # transition-level objectives
 # --------------------------------------------------------------------------------------------
 def _broadcast(**tensors: Tensor) -> tuple[Tensor, ...]:
+    """The per-transition inputs expanded to one shape. Each is a tensor of one rank (``[B]`` or
+    ``[B, T]``; a 0-d tensor broadcasts anywhere): a ``[B]`` beside ``[B, T]`` would broadcast
+    along T, not B, so it is refused."""
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    ranks = {name: t.ndim for name, t in tensors.items() if t.ndim > 0}
+    if len(set(ranks.values())) > 1:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(
+            f"per-transition inputs mix ranks: {shapes}; give them all as [B] or all as [B, T] "
+            "(a per-trajectory value x of shape [B] beside [B, T] inputs: x[:, None])"
+        )
     try:
         shape = torch.broadcast_shapes(*(t.shape for t in tensors.values()))
     except RuntimeError as err:
@@ -300,8 +326,11 @@ def subtrajectory_balance(
     Returns the per-trajectory loss ``[B]`` (the penalty is applied inside: a weighted sum).
     As ``λ → 0`` it is the mean DB penalty; as ``λ → ∞`` the TB penalty.
     """
-    if lam < 0:
+    if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
+    for name, t in (("log_flows", log_flows), ("log_pf", log_pf), ("log_pb", log_pb)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if log_pf.ndim != 2 or log_pf.shape != log_pb.shape:
         raise ValueError(
             f"log_pf and log_pb must both be [B, T], got {tuple(log_pf.shape)} "
@@ -325,8 +354,13 @@ def subtrajectory_balance(
         torch.zeros((), dtype=log_pf.dtype, device=log_pf.device),
     ).expand(b, t + 1, t + 1)
     if lengths is not None:
-        if lengths.shape != (b,):
-            raise ValueError(f"lengths must be [B]=[{b}], got {tuple(lengths.shape)}")
+        if not isinstance(lengths, Tensor) or lengths.shape != (b,):
+            shape = tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__
+            raise ValueError(f"lengths must be an integer tensor [B]=[{b}], got {shape}")
+        if lengths.dtype.is_floating_point or bool(((lengths < 1) | (lengths > t)).any()):
+            raise ValueError(
+                f"lengths must hold integer step counts in [1, T={t}], got {lengths.tolist()}"
+            )
         valid = idx.view(1, 1, -1) <= lengths.view(-1, 1, 1)  # j <= length
         weight = weight * valid
     # 3. normalised weighted sum of penalties.

@@ -16,10 +16,17 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 __all__ = [
     "TINY_WORDS",
@@ -29,6 +36,8 @@ __all__ = [
     "tiny_sd_pipeline",
     "tiny_ddpm_components",
     "tiny_ddpm_pipeline",
+    "tiny_sd3_components",
+    "tiny_sd3_pipeline",
 ]
 
 TINY_WORDS = ("a", "cat", "dog", "photo", "of", "red", "blue", "the")
@@ -176,3 +185,79 @@ def tiny_ddpm_pipeline(
     from steer.pipelines import SteerDDPMPipeline
 
     return SteerDDPMPipeline(**tiny_ddpm_components(seed, channels, size, **scheduler_overrides))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion 3 (flow matching): two CLIP encoders with projection, no T5
+# ----------------------------------------------------------------------------------------------
+def _tiny_clip_with_projection(vocab_size: int, hidden: int) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=hidden,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=_MAX_LEN,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_components(seed: int = 0, **scheduler_overrides: Any) -> dict[str, Any]:
+    """Random SD3 components: ``transformer`` (latents 16x8x8, SD3's latent channels), ``vae``
+    (images 3x16x16), ``text_encoder`` / ``text_encoder_2`` (CLIP widths 8 and 16: embeddings
+    24 padded to the joint width 32, pooled 24), their tokenizers, no T5, and a
+    ``FlowMatchEulerDiscreteScheduler`` (shift 3, as SD3)."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,  # = heads x head dim
+        pooled_projection_dim=24,  # 8 + 16, the two CLIP projections
+        pos_embed_max_size=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8),
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        scaling_factor=1.5305,  # SD3's latent statistics
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    config = dict(num_train_timesteps=1000, shift=3.0)
+    config.update(scheduler_overrides)
+    return {
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+        "text_encoder": _tiny_clip_with_projection(len(tokenizer), 8),
+        "tokenizer": tokenizer,
+        "text_encoder_2": _tiny_clip_with_projection(len(tokenizer_2), 16),
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_3": None,
+        "tokenizer_3": None,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**config),
+    }
+
+
+def tiny_sd3_pipeline(seed: int = 0, **scheduler_overrides: Any) -> Any:
+    """A tiny random :class:`~steer.pipelines.SteerStableDiffusion3Pipeline` (no T5)."""
+    from steer.pipelines import SteerStableDiffusion3Pipeline
+
+    return SteerStableDiffusion3Pipeline(**tiny_sd3_components(seed, **scheduler_overrides))

@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 import pytest
 
 from steer.config import (
+    ArgumentParser,
     ConfigError,
     add_field_flags,
+    check_choice,
+    check_number,
+    error_line,
+    exit_on_input_error,
+    input_phase,
+    is_input_error,
     load_structured,
     parse_overrides,
     save_yaml,
@@ -63,6 +70,9 @@ def test_defaults_then_file_then_overrides(tmp_path) -> None:
     [
         ("optim.stpes=3", "unknown key 'optim.stpes' (in override 'optim.stpes=3'); "
                           "did you mean optim.steps?"),
+        ("otpim.steps=3", "unknown key 'otpim' (in override 'otpim.steps=3'); did you mean optim?"),
+        ("optim.lr.x=3", "optim.lr={'x': 3} has the wrong type (in override 'optim.lr.x=3'): "
+                         "expected float"),
         ("nmae=x", "unknown key 'nmae' (in override 'nmae=x'); did you mean name?"),
         ("zzz=1", "unknown key 'zzz' (in override 'zzz=1'); valid keys: name, sigma, verbose, "
                   "tags, optim"),
@@ -138,3 +148,68 @@ def test_finetune_load_config_uses_the_loader() -> None:
     with pytest.raises(ValueError, match="train.steps='x' has the wrong type .*expected int"):
         load_config(None, ["train.steps=x"])
     assert load_config(None, ["train.steps=3"]).train.steps == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "bounds", "message"),
+    [
+        (0, {"gt": 0}, "a.b must be > 0, got 0"),
+        (-1, {"ge": 0}, "a.b must be >= 0, got -1"),
+        (1.5, {"gt": 0, "le": 1}, r"a.b must be in (0, 1], got 1.5"),
+        (-1, {"ge": 0, "lt": 2**32}, "a.b must be in [0, 4294967296), got -1"),
+        (float("nan"), {"gt": 0}, "a.b must be a finite number > 0, got nan"),
+        (float("nan"), {"gt": 0, "finite": False}, "a.b must be a number > 0, got nan"),
+        (float("inf"), {}, "a.b must be a finite number, got inf"),
+    ],
+)
+def test_check_number_names_the_field_the_value_and_the_range(value, bounds, message) -> None:
+    with pytest.raises(ValueError) as info:
+        check_number("a.b", value, **bounds)
+    assert str(info.value) == message
+
+
+def test_checks_that_pass_and_choices() -> None:
+    check_number("x", 0.5, gt=0, le=1)
+    check_number("x", float("inf"), gt=0, finite=False)
+    with pytest.raises(TypeError, match="x must be a number > 0, got 'a'"):
+        check_number("x", "a", gt=0)
+    with pytest.raises(TypeError, match="got True"):
+        check_number("x", True, ge=0)
+    check_choice("k", "a", ("a", "b"))
+    with pytest.raises(ValueError, match="^k='c' is not valid; choose one of a, b$"):
+        check_choice("k", "c", ("a", "b"))
+
+
+def test_input_errors_are_marked_then_one_line(capsys) -> None:
+    def bad() -> int:
+        with input_phase():
+            raise KeyError("unknown thing 'x'; valid: a, b")
+
+    with pytest.raises(KeyError) as info:  # Python callers get the exception unchanged
+        bad()
+    assert is_input_error(info.value) and error_line(info.value) == "unknown thing 'x'; valid: a, b"
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_input_error("demo", bad)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "demo: error: unknown thing 'x'; valid: a, b\n"
+    with pytest.raises(SystemExit):  # a ConfigError is bad input wherever it is raised
+        exit_on_input_error("demo", lambda: load_structured(Run, None, ["zzz=1"]))
+    assert capsys.readouterr().err.startswith("demo: error: unknown key 'zzz'")
+
+    def bug() -> int:
+        raise ValueError("not input: a bug")
+
+    with pytest.raises(ValueError, match="a bug"):  # unmarked: the traceback stays
+        exit_on_input_error("demo", bug)
+    assert error_line(ValueError("two\n  lines")) == "two; lines"
+    assert error_line(ValueError()) == "ValueError"
+
+
+def test_argument_parser_errors_are_one_line(capsys) -> None:
+    parser = ArgumentParser(prog="demo")
+    parser.add_argument("--n", type=int)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--n", "x"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "demo: error: argument --n: invalid int value: 'x' (see demo --help)\n"

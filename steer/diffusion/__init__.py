@@ -1,8 +1,11 @@
-"""The diffusers bridge: Gaussian step densities (§2), :class:`DiffusionPolicy`, rollout.
+"""The diffusers bridge: Gaussian step densities (§2, §2b), :class:`DiffusionPolicy` (UNets),
+:class:`FlowMatchPolicy` (flow-matching transformers, SD3), rollout.
 
-Only diffusers' public API is used: a scheduler's ``alphas_cumprod``, ``timesteps`` and ``config``.
+Only diffusers' public API is used: a scheduler's ``alphas_cumprod`` (or ``sigmas``),
+``timesteps`` and ``config``.
 """
 
+from steer.diffusion.base import GaussianStepPolicy
 from steer.diffusion.families import (
     FAMILIES,
     ModelFamily,
@@ -10,6 +13,14 @@ from steer.diffusion.families import (
     family_of,
     make_policy,
     register_family,
+)
+from steer.diffusion.flow import (
+    FlowMatchPolicy,
+    FlowSchedule,
+    check_flow_scheduler,
+    make_flow_schedule,
+    pack_cond,
+    unpack_cond,
 )
 from steer.diffusion.lora import (
     ATTENTION_PROJECTIONS,
@@ -50,6 +61,13 @@ __all__ = [
     "scheduler_kind",
     "ATTENTION_PROJECTIONS",
     "DiffusionPolicy",
+    "FlowMatchPolicy",
+    "FlowSchedule",
+    "GaussianStepPolicy",
+    "check_flow_scheduler",
+    "make_flow_schedule",
+    "pack_cond",
+    "unpack_cond",
     "exact_posterior",
     "StepCallback",
     "StepOutput",

@@ -53,8 +53,9 @@ def family_of(denoiser: nn.Module) -> ModelFamily:
     inner = _unwrap(denoiser)
     matches = [f for f in FAMILIES.values() if isinstance(inner, f.denoiser)]
     if not matches:
-        names = " or ".join(f.denoiser.__name__ for f in FAMILIES.values())
-        raise TypeError(f"unet must be a {names}, got {type(inner).__name__}")
+        known = sorted(FAMILIES.values(), key=lambda f: f.name)  # a stable order: by name
+        names = " or ".join(f.denoiser.__name__ for f in known)
+        raise TypeError(f"denoiser must be a {names}, got {type(inner).__name__}")
     # a subclass is more specific than its base
     return next(f for f in matches if not any(g is not f and issubclass(g.denoiser, f.denoiser)
                                              for g in matches))  # fmt: skip

@@ -105,7 +105,14 @@ def load_unet_lora(unet: nn.Module, directory: str | Path) -> nn.Module:
     path = Path(directory) / UNET_LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA weights at {path}; expected {UNET_LORA_FILE}")
-    result = set_peft_model_state_dict(unet, load_file(str(path)))
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (an Exception)
+        raise ValueError(
+            f"LoRA weights at {path} cannot be read ({err}): truncated or not a safetensors "
+            "file; save them again with save_lora_weights()"
+        ) from err
+    result = set_peft_model_state_dict(unet, state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"LoRA weights at {path} do not fit the unet: unexpected {unexpected[:3]}")

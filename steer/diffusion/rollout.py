@@ -106,6 +106,8 @@ def rollout(
     sched = policy.schedule
     n = sched.num_steps
     batch = _batch_size(batch_size, cond)
+    if noise is not None and not isinstance(noise, Tensor):
+        raise TypeError(f"noise must be a torch.Tensor [B, K, ...], got {type(noise).__name__}")
     if noise is not None and tuple(noise.shape) != (batch, n, *policy.sample_shape):
         raise ValueError(
             f"noise must have shape {(batch, n, *policy.sample_shape)}, got {tuple(noise.shape)}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from steer.config import input_phase
 from steer.digits.cache import cache_root, cached_folder, config_folder
 from steer.digits.classifier import (
     digits_classifier,
@@ -191,9 +192,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``steer pretrain-digits``: train or find the digits classifier and prior; print paths."""
-    args = _parse([] if argv is None else argv)
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1; got {args.steps}")
+    with input_phase():  # bad input: one line from the `steer` command (steer.config)
+        args = _parse([] if argv is None else argv)
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be >= 1; got {args.steps}")
     clf = prior = None
     if not args.no_classifier:
         clf = load_or_train_digits_classifier(

@@ -141,18 +141,20 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``steer posterior``: exact samples of a config's posterior; prints log Z and acceptance."""
+    from steer.config import input_phase
     from steer.train.cli import resolve_config
     from steer.train.config import load_config
     from steer.train.models import build_components
     from steer.train.sampling import score
 
-    args = _parse([] if argv is None else argv)
-    if args.num_samples < 2:
-        raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}")
-    cfg = load_config(resolve_config(args.config), args.overrides)
-    parts = build_components(cfg, torch.device("cpu"))
-    if parts.cond.prompts is not None:
-        raise ValueError("steer posterior handles unconditional priors (the digits job) only")
+    with input_phase():  # bad input: one line from the `steer` command (steer.config)
+        args = _parse([] if argv is None else argv)
+        if args.num_samples < 2:
+            raise ValueError(f"--num-samples must be >= 2, got {args.num_samples}")
+        cfg = load_config(resolve_config(args.config), args.overrides)
+        parts = build_components(cfg, torch.device("cpu"))
+        if parts.cond.prompts is not None:
+            raise ValueError("steer posterior handles unconditional priors (the digits job) only")
 
     def log_reward(x0: Tensor) -> Tensor:
         return score(parts.reward, parts.decode(x0), None) / cfg.objective.beta

@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from steer import objectives as obj
-from steer.config import ConfigError, add_field_flags, load_structured, parse_overrides
+from steer.config import (
+    ArgumentParser,
+    ConfigError,
+    add_field_flags,
+    check_number,
+    load_structured,
+    parse_overrides,
+)
 from steer.discrete.bayesnet import BayesNetStructure
 from steer.discrete.env import DAGEnvironment
 from steer.discrete.exact import (
@@ -60,6 +67,9 @@ class ExactConfig:
     fast: bool = False  # exact and identity rows only (seconds): skip the trained rows
     mlp: bool = True  # with the trained rows, also train TB as an MLP (MLP_ROWS)
     seed: int = 0  # seed of P_B, priors and training
+
+    def __post_init__(self) -> None:
+        check_number("seed", self.seed, ge=0)
 
 
 @dataclass
@@ -193,7 +203,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="steer exact",
         description=__doc__.splitlines()[0],
         epilog="Overrides: key=value words (fast=true mlp=false seed=1), applied after --config "

@@ -77,6 +77,32 @@ class ReplayBuffer:
         self._size = min(self.capacity, self._size + n)
         self._stale += n
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The stored entries (slot order), the ring's counters and the rank priorities (the
+        cumulative probabilities of the last sort, if any): what a resume needs to draw the same
+        samples."""
+        state = {
+            "x": self.x.clone(),
+            "log_reward": self.log_reward.clone(),
+            "counters": torch.tensor([self._size, self._next, self._stale]),
+        }
+        if self._cdf is not None:
+            state["cdf"] = self._cdf.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (into a buffer of the same dim, capacity)."""
+        size, nxt, stale = (int(v) for v in state["counters"])
+        x = state["x"]
+        if x.ndim != 2 or x.shape[1] != self._x.shape[1] or size > self.capacity:
+            raise ValueError(
+                f"the saved buffer ({size} entries of dim {x.shape[-1]}) does not fit this one "
+                f"(capacity {self.capacity}, dim {self._x.shape[1]})"
+            )
+        self._x[:size], self._log_reward[:size] = x, state["log_reward"]
+        self._size, self._next, self._stale = size, nxt, stale
+        self._cdf = state["cdf"].clone() if "cdf" in state else None
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` stored samples (with replacement): ``(x [n, d], log_reward [n])``."""
         if len(self) == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steer import objectives as obj
+from steer.config import check_number
+from steer.toy import checkpoint as toy_ckpt
 from steer.toy.buffer import BUFFER_KINDS, ReplayBuffer, mala
 from steer.toy.metrics import evaluate_sampler
 from steer.toy.sampler import DiffusionSampler, SamplerConfig
@@ -26,6 +29,19 @@ __all__ = ["TOY_OBJECTIVES", "ToyConfig", "ToyRunConfig", "TrainResult", "object
 
 TOY_OBJECTIVES = ("tb", "vargrad", "subtb", "db", "fldb", "rtb")
 _NEEDS_FLOW = ("subtb", "db", "fldb")
+
+
+def _is_module_function(name: str) -> bool:
+    module, sep, attr = name.partition(":")
+    return bool(sep and module and attr and ":" not in attr)
+
+
+@dataclass(frozen=True)
+class _Placeholder:
+    """What :meth:`ToyConfig.sampler_config` reads of a target, before there is one."""
+
+    dim: int
+    default_sigma: float = 1.0
 
 
 @dataclass
@@ -67,11 +83,25 @@ class ToyConfig:
     seed: int = 0
     eval_every: int = 500
     eval_samples: int = 2000
+    # wall-clock budget; the lr and exploration schedules follow max(it / iterations, elapsed /
+    # max_time_s), so a resumed run equals a straight one exactly only when it never binds
+    # (null, or very large)
     max_time_s: float | None = 540.0
+    checkpoint_every: int = 0  # iterations between checkpoints in the run folder (0: none)
+    checkpoints_total_limit: int = 2  # the newest complete checkpoints kept
+    resume: bool = False  # continue from the newest complete checkpoint in the run folder
     prior_iterations: int = 2000  # posterior9: denoising iterations of the prior
     dim: int | None = None  # the dimension of a module:function energy (named targets know it)
 
     def __post_init__(self) -> None:
+        from steer.toy.registry import TARGETS  # the registry imports no training code
+
+        if self.target not in TARGETS and not _is_module_function(self.target):
+            raise ValueError(
+                f"unknown target {self.target!r}; valid: {', '.join(TARGETS)} or module:function"
+            )
+        if self.target not in TARGETS and self.dim is None:
+            raise ValueError(f"user energy {self.target!r} needs dim=<its dimension> (or --dim)")
         if self.objective not in TOY_OBJECTIVES:
             raise ValueError(
                 f"unknown objective {self.objective!r}; valid: {', '.join(TOY_OBJECTIVES)}"
@@ -82,15 +112,32 @@ class ToyConfig:
             raise ValueError(
                 f"buffer must be one of none, {', '.join(BUFFER_KINDS)}, got {self.buffer!r}"
             )
-        for name in ("batch", "iterations", "eval_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch", "iterations", "eval_samples", "eval_every", "buffer_size"):
+            check_number(name, getattr(self, name), ge=1)
+        for name in ("ls_every", "ls_steps", "ls_batch", "prior_iterations"):
+            check_number(name, getattr(self, name), ge=1)
         if self.local_search and self.buffer == "none":
             raise ValueError("local_search needs a replay buffer: set buffer to uniform or rank")
-        if self.explore < 0:
-            raise ValueError(f"explore must be >= 0, got {self.explore}")
+        check_number("explore", self.explore, ge=0)
+        check_number("explore_until", self.explore_until, ge=0, le=1)
+        for name in ("lr", "lr_log_z"):
+            check_number(name, getattr(self, name), gt=0)
+        check_number("lr_final", self.lr_final, ge=0)
+        check_number("grad_clip", self.grad_clip, ge=0)  # 0: no clipping
+        check_number("backward_every", self.backward_every, ge=0)  # 0: never
+        check_number("subtb_lambda", self.subtb_lambda, ge=0)
+        check_number("seed", self.seed, ge=0)
+        if self.max_time_s is not None:
+            check_number("max_time_s", self.max_time_s, gt=0)
+        check_number("checkpoint_every", self.checkpoint_every, ge=0)
+        check_number("checkpoints_total_limit", self.checkpoints_total_limit, ge=1)
+        if self.sigma is not None:
+            check_number("sigma", self.sigma, gt=0)
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"dim must be >= 1 (or null for a named target), got {self.dim}")
+        # the sampler's own checks (hidden, layers, activation, init_std, log_var_range), on
+        # placeholder values of what only the target knows
+        self.sampler_config(_Placeholder(self.dim or 1))  # type: ignore[arg-type]
 
     def sampler_config(self, target: Target) -> SamplerConfig:
         return SamplerConfig(
@@ -223,8 +270,15 @@ def train(
     target: Target,
     sampler: DiffusionSampler | None = None,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
 ) -> TrainResult:
-    """Train a sampler of ``target`` (a fresh one unless given); returns it with its history."""
+    """Train a sampler of ``target`` (a fresh one unless given); returns it with its history.
+    ``checkpoint_dir`` holds the checkpoints of ``cfg.checkpoint_every`` (and one at the end);
+    ``cfg.resume`` continues from the newest complete one there, ``resume_from`` from that
+    checkpoint folder (``steer.toy.checkpoint``)."""
+    if (cfg.checkpoint_every or cfg.resume) and not checkpoint_dir:
+        raise ValueError("checkpoint_every and resume need a checkpoint_dir (steer toy: --out)")
     torch.manual_seed(cfg.seed)
     torch.set_flush_denormal(True)  # tiny activations as denormals slow CPU kernels ~2x
     prior = getattr(target, "prior", None)
@@ -245,7 +299,23 @@ def train(
     opt = _optimizer(sampler, cfg)
     buffer = None if cfg.buffer == "none" else ReplayBuffer(target.dim, cfg.buffer_size, cfg.buffer)
     result, eta, start = TrainResult(sampler), 0.01, time.perf_counter()
-    bar = tqdm(range(cfg.iterations), disable=not progress, desc=f"{target.name}/{cfg.objective}")
+    if cfg.resume or resume_from is not None:
+        path = toy_ckpt.resolve(checkpoint_dir, asdict(cfg), resume_from)
+        saved = toy_ckpt.load(path)
+        toy_ckpt.restore(saved, sampler, opt, buffer)
+        eta, result.iterations, result.history = saved["eta"], saved["iteration"], saved["history"]
+        start -= saved["elapsed_s"]
+        print(f"resumed from {path} at iteration {result.iterations}")
+
+    def save_checkpoint() -> None:
+        state = toy_ckpt.state_of(sampler, opt, buffer, eta, result.iterations, result.history,
+                                  time.perf_counter() - start)  # fmt: skip
+        toy_ckpt.save(checkpoint_dir, state, asdict(cfg), cfg.checkpoints_total_limit)
+
+    first, name = result.iterations, f"{target.name}/{cfg.objective}"
+    bar = tqdm(range(first, cfg.iterations), initial=first, total=cfg.iterations,
+               disable=not progress, desc=name)  # fmt: skip
+    saved_at = first
     for it in bar:
         # 0. schedules follow the progress: iterations or time budget, whichever is further.
         progress_frac = it / cfg.iterations
@@ -301,9 +371,10 @@ def train(
         result.iterations = it + 1
         elapsed = time.perf_counter() - start
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations:
-            metrics, _ = evaluate_sampler(
-                sampler, target, min(cfg.eval_samples, 1000), sample_quality=False
-            )
+            with torch.random.fork_rng(devices=[]):  # evaluating never changes the training
+                metrics, _ = evaluate_sampler(
+                    sampler, target, min(cfg.eval_samples, 1000), sample_quality=False
+                )
             result.history.append(
                 {
                     "iteration": it + 1,
@@ -312,8 +383,13 @@ def train(
                     **{k: v for k, v in metrics.items() if v is not None},
                 }
             )
+        if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint()
+            saved_at = it + 1
         if cfg.max_time_s is not None and elapsed > cfg.max_time_s:
             break
+    if cfg.checkpoint_every and saved_at != result.iterations:
+        save_checkpoint()
     result.wall_time_s = time.perf_counter() - start
     result.seconds_per_iteration = result.wall_time_s / max(1, result.iterations)
     return result

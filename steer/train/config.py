@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from steer.config import load_structured
+from steer.config import check_choice, check_number, load_structured
 from steer.train.objectives import Needs, objective_class
 
 PENALTIES = ("squared", "huber", "log_cosh")
@@ -23,13 +23,24 @@ PROMPT_LISTS = ("simple-animals", "digits")
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(valid)}")
+    check_choice(name, value, valid)
 
 
 def _positive(name: str, value: float, strict: bool = True) -> None:
-    if value < 0 or (strict and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value}")
+    """``> 0`` (``>= 0`` unless ``strict``) and finite; NaN never passes."""
+    check_number(name, value, **({"gt": 0} if strict else {"ge": 0}))
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    check_number(name, value, ge=low)
+
+
+def _text(name: str, value: str | None, optional: bool = True) -> None:
+    """A non-empty string (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
 
 
 @dataclass
@@ -53,10 +64,9 @@ class ModelConfig:
     prior_tail_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_inference_steps < 1:
-            raise ValueError(
-                f"model.num_inference_steps must be >= 1, got {self.num_inference_steps}"
-            )
+        _text("model.pretrained", self.pretrained, optional=False)
+        _text("model.revision", self.revision)
+        _at_least("model.num_inference_steps", self.num_inference_steps, 1)
         _positive("model.eta", self.eta, strict=False)
         if not 0 <= self.prior_tail_steps < self.num_inference_steps:
             raise ValueError(
@@ -71,6 +81,12 @@ class ModelConfig:
         if self.timestep_spacing is not None:
             _choice("model.timestep_spacing", self.timestep_spacing,
                     ("leading", "trailing", "linspace"))  # fmt: skip
+        _text("model.cache_dir", self.cache_dir)
+        if self.cache_dir is not None and Path(self.cache_dir).expanduser().is_file():
+            raise ValueError(
+                f"model.cache_dir={self.cache_dir!r} is a file; give a folder (or null for "
+                "$STEER_CACHE / ~/.cache/steer)"
+            )
 
 
 @dataclass
@@ -84,10 +100,13 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        _at_least("lora.rank", self.rank, 1)
+        _positive("lora.alpha", self.alpha)
         if self.enabled and not self.target_modules:
             raise ValueError("lora.target_modules is empty; name the UNet modules to adapt")
+        bad = [m for m in self.target_modules if not str(m).strip()]
+        if bad:
+            raise ValueError(f"lora.target_modules holds an empty name: {self.target_modules}")
 
 
 @dataclass
@@ -113,29 +132,32 @@ class ObjectiveConfig:
     flow_lr: float = 1e-3
     subtb_lambda: float = 0.9
     train_fraction: float = 1.0  # fraction of the K steps re-scored with grad per trajectory
-    clip_range: float = 1e-4  # ddpo PPO-clip range on the per-step ratio
+    clip_range: float = 1e-4  # ddpo / grpo PPO-clip range on the per-step ratio
     ratio_per_dim: bool = True  # ddpo: ratio of per-dimension geometric-mean densities, as DDPO
-    kl_weight: float = 0.01  # dpok: weight of the per-step KL to the prior
+    kl_weight: float = 0.01  # dpok / grpo (0 turns it off): weight of the per-step KL to the prior
     advantage_clip: float = 5.0
-    ppo_epochs: int = 1  # ddpo / dpok: passes over each rollout batch
-    ppo_minibatches: int | None = None  # per pass, one update each; None: 2 (ddpo), 1 (dpok)
+    ppo_epochs: int = 1  # ddpo / dpok / grpo: passes over each rollout batch
+    ppo_minibatches: int | None = None  # per pass, one update each; None: 2 (ddpo, grpo), 1 (dpok)
+    group_size: int = 4  # grpo: samples per prompt group (the batch holds batch_size / group_size)
 
     def __post_init__(self) -> None:
         objective_class(self.name)  # a registered objective, else the valid names
         for name in ("ppo_epochs", "ppo_minibatches"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"objective.{name} must be >= 1, got {value}")
+            if value is not None:
+                _at_least(f"objective.{name}", value, 1)
         _choice("objective.penalty", self.penalty, PENALTIES)
         _choice("objective.log_z_mode", self.log_z_mode, ("auto", "table", "network", "batch"))
         _positive("objective.beta", self.beta)
-        if not 0 < self.train_fraction <= 1:
-            raise ValueError(
-                f"objective.train_fraction must be in (0, 1], got {self.train_fraction}"
-            )
+        check_number("objective.train_fraction", self.train_fraction, gt=0, le=1)
+        _positive("objective.log_z_lr", self.log_z_lr)
+        check_number("objective.log_z_init", self.log_z_init)  # finite
+        _positive("objective.flow_lr", self.flow_lr)
         _positive("objective.subtb_lambda", self.subtb_lambda, strict=False)
         _positive("objective.clip_range", self.clip_range)
         _positive("objective.kl_weight", self.kl_weight, strict=False)
+        _positive("objective.advantage_clip", self.advantage_clip)
+        _at_least("objective.group_size", self.group_size, 1)
 
     @property
     def needs(self) -> Needs:
@@ -157,6 +179,11 @@ class RewardConfig:
     name: str = "digits-classifier"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # the name is looked up (and the keywords checked) when the run builds the reward:
+        # a reward a user registers after loading the config is still found
+        _text("reward.name", self.name, optional=False)
+
 
 @dataclass
 class PromptConfig:
@@ -169,11 +196,19 @@ class PromptConfig:
     eval_prompts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        given = [k for k in ("prompt", "file", "builtin") if getattr(self, k)]
+        given = [k for k in ("prompt", "file", "builtin") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"give one prompt source, got {given}")
+            raise ValueError(
+                f"give one prompt source, got {['prompts.' + k for k in given]}; set the others "
+                "to null"
+            )
+        _text("prompts.prompt", self.prompt)
+        _text("prompts.file", self.file)
         if self.builtin is not None:
             _choice("prompts.builtin", self.builtin, PROMPT_LISTS)
+        bad = [p for p in self.eval_prompts if not str(p).strip()]
+        if bad:
+            raise ValueError(f"prompts.eval_prompts holds an empty prompt: {self.eval_prompts}")
 
 
 @dataclass
@@ -198,21 +233,20 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+            _at_least(f"train.{name}", getattr(self, name), 1)
         _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, strict=False)
+        _positive("train.max_grad_norm", self.max_grad_norm)
+        check_number("train.seed", self.seed, ge=0, lt=2**32)  # numpy's seed range
         if str(self.mixed_precision).lower() == "false":  # YAML 1.1 reads `no` as False
             self.mixed_precision = "no"
         _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("train.on_nonfinite", self.on_nonfinite, ("raise", "skip"))
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        if self.lr_warmup_steps < 0 or not 0 <= self.lr_min_ratio <= 1:
-            raise ValueError(
-                f"train.lr_warmup_steps must be >= 0 and train.lr_min_ratio in [0, 1], got "
-                f"{self.lr_warmup_steps} and {self.lr_min_ratio}"
-            )
-        if self.replay_per_batch < 0 or self.replay_buffer < 0:
-            raise ValueError("train.replay_buffer and train.replay_per_batch must be >= 0")
+        _at_least("train.lr_warmup_steps", self.lr_warmup_steps, 0)
+        check_number("train.lr_min_ratio", self.lr_min_ratio, ge=0, le=1)
+        _at_least("train.replay_buffer", self.replay_buffer, 0)
+        _at_least("train.replay_per_batch", self.replay_per_batch, 0)
         if self.replay_per_batch > 0 and self.replay_buffer < self.replay_per_batch:
             raise ValueError(
                 f"train.replay_buffer={self.replay_buffer} must hold at least "
@@ -238,13 +272,23 @@ class LogConfig:
     report: str | None = None
 
     def __post_init__(self) -> None:
-        _choice("log.tracker", self.tracker, TRACKERS)
-        if self.report is not None and ":" not in self.report:
-            raise ValueError(f"log.report must look like module:function, got {self.report!r}")
-        if self.checkpoints_total_limit < 1:
+        _text("log.output_dir", self.output_dir, optional=False)
+        _text("log.run_name", self.run_name)
+        if self.run_name is not None and ("/" in self.run_name or "\\" in self.run_name
+                                          or self.run_name in (".", "..")):  # fmt: skip
             raise ValueError(
-                f"log.checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}"
+                f"log.run_name={self.run_name!r} must be a folder name, not a path; put the "
+                "parent folder in log.output_dir"
             )
+        _choice("log.tracker", self.tracker, TRACKERS)
+        _at_least("log.eval_every", self.eval_every, 0)
+        _at_least("log.num_eval_samples", self.num_eval_samples, 1)
+        _at_least("log.checkpoint_every", self.checkpoint_every, 0)
+        _at_least("log.checkpoints_total_limit", self.checkpoints_total_limit, 1)
+        _text("log.resume_from_checkpoint", self.resume_from_checkpoint)
+        report = self.report
+        if report is not None and (report.count(":") != 1 or not all(report.split(":"))):
+            raise ValueError(f"log.report must look like module:function, got {report!r}")
 
 
 @dataclass
@@ -266,6 +310,7 @@ class FinetuneConfig:
                 f"train.batch_size={self.train.batch_size} must be divisible by "
                 f"objective.ppo_minibatches={mb}"
             )
+        objective_class(self.objective.name).check_config(self)  # the objective's own rules
         off_policy = self.train.replay_per_batch > 0 or self.train.exploration_scale > 0
         if off_policy and on_policy:
             raise ValueError(

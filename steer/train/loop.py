@@ -3,6 +3,11 @@
 ``setup`` builds a :class:`~steer.train.run.Run` from a config; ``main`` runs its steps (one
 round of ``steer.train.run.train_round``, or ``steer.train.ppo.ppo_round`` for an on-policy
 objective), with callbacks, checkpoints, signals and the final evaluation.
+
+SIGTERM / SIGINT finish the current step, save a checkpoint and stop cleanly (a second one
+acts as usual, at once); on several processes every rank stops after the same step (the first
+step any of them was signalled in). ``log.resume_from_checkpoint`` continues a run exactly: see
+``steer.train.checkpoint`` for what a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -16,28 +21,55 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from steer.train.checkpoint import TrainState, resolve_resume, save_checkpoint
+from steer.config import input_phase
+from steer.train.checkpoint import TrainState, resolve_resume
 from steer.train.config import FinetuneConfig
 from steer.train.models import build_components, build_objective_modules
 from steer.train.objectives import make_objective
 from steer.train.outputs import evaluate, save_final, start_run
 from steer.train.ppo import ppo_round
+from steer.train.ranks import flagged_ranks
 from steer.train.replay import ReplayBuffer
-from steer.train.run import Run, make_lr_scheduler, train_round
+from steer.train.run import Run, checkpoint, make_lr_scheduler, restore, train_round
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _install_signal_handlers(run: Run) -> None:
+def _install_signal_handlers(run: Run) -> dict[int, object]:
+    """SIGTERM / SIGINT ask the run to stop after this step (a second signal: the previous
+    handler, e.g. KeyboardInterrupt); returns the previous handlers, to put back at the end."""
+    previous = {}
+
     def handler(signum, _frame):
         run.stop_signal.append(signum)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         try:
-            signal.signal(sig, handler)
+            previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread: leave the default behaviour
             pass
+    return previous
+
+
+def _resume_path(cfg: FinetuneConfig, acc: Accelerator, out: Path) -> Path:
+    """The checkpoint to resume from, chosen (and verified) on the main process."""
+    found: list = [None, None]
+    if acc.is_main_process:
+        try:
+            found[0] = resolve_resume(cfg.log.resume_from_checkpoint, out, cfg.to_dict(),
+                                      report=acc.print)  # fmt: skip
+        except (FileNotFoundError, ValueError) as err:
+            found[1] = err
+    if acc.num_processes > 1:
+        found = broadcast_object_list(found)
+    if found[1] is not None:
+        raise found[1]
+    return found[0]
 
 
 def setup(cfg: FinetuneConfig) -> Run:
@@ -76,8 +108,8 @@ def setup(cfg: FinetuneConfig) -> Run:
     if cfg.train.replay_buffer:
         run.buffer = ReplayBuffer(cfg.train.replay_buffer)
     if cfg.log.resume_from_checkpoint:
-        path = resolve_resume(cfg.log.resume_from_checkpoint, out, cfg.to_dict())
-        acc.load_state(str(path))
+        path = _resume_path(cfg, acc, out)
+        restore(run, path)
         acc.print(f"resumed from {path} at step {state.step}")
     return run
 
@@ -132,10 +164,29 @@ def main(cfg: FinetuneConfig, callbacks: Sequence[Callback] = ()) -> Path:
     """Run a fine-tuning job from a config, with ``callbacks`` (and the config's
     ``log.report``); returns its output folder."""
     start = time.time()  # wall time includes loading (and, first time, training) the prior
-    callbacks = [*callbacks, *([ReportHook(cfg.log.report)] if cfg.log.report else [])]
-    run = setup(cfg)
+    with input_phase():  # what set-up refuses is bad input: one line from the CLI (steer.config)
+        callbacks = [*callbacks, *([ReportHook(cfg.log.report)] if cfg.log.report else [])]
+        run = setup(cfg)
     describe(run)
-    _install_signal_handlers(run)
+    previous = _install_signal_handlers(run)
+    try:
+        return _train(run, callbacks, start)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _stop_agreed(run: Run) -> bool:
+    """Whether any rank stops after this step (a signal or a callback): each rank asks, all
+    get the same answer (a signal arriving later is seen after the next step)."""
+    if flagged_ranks(run.accelerator, bool(run.stop_signal)) and not run.stop_signal:
+        run.stop_signal.append(0)  # another rank's signal or callback
+    return bool(run.stop_signal)
+
+
+def _train(run: Run, callbacks: Sequence[Callback], start: float) -> Path:
+    """The steps of ``main``, its last checkpoint, final evaluation and outputs."""
+    cfg = run.cfg
     acc, state = run.accelerator, run.state
     one_round = ppo_round if run.objective.needs.on_policy else train_round
     bar = tqdm(
@@ -144,7 +195,8 @@ def main(cfg: FinetuneConfig, callbacks: Sequence[Callback] = ()) -> Path:
         disable=not acc.is_local_main_process,
         desc=f"{cfg.objective.name}",
     )
-    while state.step < cfg.train.steps and not run.stop_signal:
+    stopping = False  # agreed by every rank after each step; never read a signal directly
+    while state.step < cfg.train.steps and not stopping:
         rewards, metrics = one_round(run)  # state.step counts rounds of rollouts
         state.step += 1
         record = {
@@ -162,20 +214,17 @@ def main(cfg: FinetuneConfig, callbacks: Sequence[Callback] = ()) -> Path:
         if cfg.log.eval_every and state.step % cfg.log.eval_every == 0:
             evaluate(run, tag=f"step-{state.step}")
         if cfg.log.checkpoint_every and state.step % cfg.log.checkpoint_every == 0:
-            save_checkpoint(
-                acc, run.out, state.step, cfg.to_dict(), cfg.log.checkpoints_total_limit
-            )
-        if any([cb.on_step(run, record) for cb in callbacks]):  # every callback sees the step
+            checkpoint(run)
+        if any([cb.on_step(run, record) for cb in callbacks]) and not run.stop_signal:
             run.stop_signal.append(0)  # 0: stopped by a callback (e.g. a time budget)
+        stopping = _stop_agreed(run)  # every rank stops after the same step
     bar.close()
-    if run.stop_signal:
-        path = save_checkpoint(
-            acc, run.out, state.step, cfg.to_dict(), cfg.log.checkpoints_total_limit
-        )
+    if stopping:
+        path = checkpoint(run)
         why = f"signal {run.stop_signal[0]}" if run.stop_signal[0] else "a callback"
         acc.print(f"{why}: saved {path} and stopped cleanly")
         return run.out
-    save_checkpoint(acc, run.out, state.step, cfg.to_dict(), cfg.log.checkpoints_total_limit)
+    checkpoint(run)
     evaluate(run, tag="final")
     save_final(run, wall_time=time.time() - start)
     if acc.is_main_process:

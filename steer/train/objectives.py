@@ -92,6 +92,12 @@ class FinetuneObjective:
     name: ClassVar[str]
     needs: ClassVar[Needs] = Needs()
     default_minibatches: ClassVar[int] = 1  # PPO minibatches per round when unset (on-policy)
+    group_size: int = 1  # trajectories drawn per prompt together (GRPO's groups); 1: independent
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Rules of this objective on the whole run config (``FinetuneConfig``); raise with the
+        field and the fix. Called when the config is loaded."""
 
     def __init__(
         self, cfg: ObjectiveConfig, log_z: nn.Module | None = None, flow: nn.Module | None = None
@@ -282,6 +288,11 @@ class PolicyGradientObjective(FinetuneObjective):
         """``[N]`` advantages of the rewards of every process, normalised per prompt."""
         return group_normalise(raw, group, self.cfg.advantage_clip)
 
+    def group_ids(self, prompt_index: Tensor | None, batch: int, rank: int) -> Tensor | None:
+        """``[B]`` the group of each row of this process's batch for ``advantages``: its
+        prompt (ddpo, dpok: statistics per prompt over every process), or none."""
+        return prompt_index
+
     def ratio(self, batch: RolloutBatch, k: int, log_prob: Tensor) -> Tensor:
         """``[B]`` ratio of step ``k``'s density under the current weights to the one stored at
         rollout time (ddpo with ``ratio_per_dim``: of the per-dimension geometric means)."""
@@ -331,6 +342,67 @@ class DPOK(PolicyGradientObjective):
         sq = (terms.mean - terms.prior_mean).pow(2).flatten(1).sum(1)  # [B]
         kl = sq / (2 * terms.std.pow(2).flatten().clamp_min(1e-12).expand_as(sq))
         return pg + self.cfg.kl_weight * kl.mean() * scale
+
+
+@register
+class GRPO(PolicyGradientObjective):
+    """GRPO (Shao et al. 2024; Flow-GRPO, Liu et al. 2025; DanceGRPO): rollouts in groups of
+    ``objective.group_size`` samples of one prompt, advantages normalised within each group,
+    PPO-clip on the per-step density ratio, optionally (``objective.kl_weight`` > 0) the per-step
+    KL to the frozen reference (closed form between the Gaussians of (2.5), as in dpok)."""
+
+    name = "grpo"
+    needs = Needs(advantages=True, on_policy=True, step_means=True)
+    default_minibatches = 2  # each round reused for two updates, so that the clip can bind
+
+    def __init__(self, cfg, log_z=None, flow=None) -> None:
+        super().__init__(cfg, log_z=log_z, flow=flow)
+        self.group_size = _check_group_size(cfg.group_size)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        g, b = _check_group_size(cfg.objective.group_size), cfg.train.batch_size
+        if b % g:
+            raise ValueError(f"train.batch_size={b} must be divisible by objective.group_size={g}"
+                             " (grpo draws batch_size / group_size prompts, each group_size "
+                             "times)")  # fmt: skip
+
+    def group_ids(self, prompt_index: Tensor | None, batch: int, rank: int) -> Tensor:
+        """Consecutive rows of ``group_size`` (one prompt each), numbered uniquely per rank."""
+        device = None if prompt_index is None else prompt_index.device
+        per_rank = batch // self.group_size
+        return torch.arange(batch, device=device) // self.group_size + rank * per_rank
+
+    def advantages(self, raw: Tensor, group: Tensor | None) -> Tensor:
+        """``(r - mean_g) / (std_g + eps)`` within each group of ``group_size`` samples."""
+        counts = torch.unique(group, return_counts=True)[1]
+        if bool((counts < 2).any()):
+            raise ValueError("grpo needs >= 2 samples per prompt group: set "
+                             "objective.group_size >= 2")  # fmt: skip
+        return group_normalise(raw, group, self.cfg.advantage_clip)
+
+    def step_loss(self, batch, k, terms, num_trained, pool=None) -> Tensor:
+        adv, ratio = batch.advantages, self.ratio(batch, k, terms.log_prob)
+        clipped = ratio.clamp(1 - self.cfg.clip_range, 1 + self.cfg.clip_range)
+        loss = torch.maximum(-adv * ratio, -adv * clipped).mean() / num_trained
+        if self.cfg.kl_weight > 0:
+            if terms.std is None or terms.prior_mean is None:
+                raise ValueError("grpo's KL needs the step's mean, std and the prior's mean")
+            sq = (terms.mean - terms.prior_mean).pow(2).flatten(1).sum(1)  # [B]
+            kl = sq / (2 * terms.std.pow(2).flatten().clamp_min(1e-12).expand_as(sq))
+            loss = loss + self.cfg.kl_weight * kl.mean() / num_trained
+        return loss
+
+    def ratio_metrics(self, deviations: Tensor) -> dict[str, float]:
+        clipped = float((deviations > self.cfg.clip_range).float().mean())
+        return {**super().ratio_metrics(deviations), "clip_fraction": clipped}
+
+
+def _check_group_size(g: int) -> int:
+    if g < 2:
+        raise ValueError(f"objective.group_size={g}: grpo needs >= 2 samples per prompt group "
+                         "(its advantage is normalised within the group); set it >= 2")  # fmt: skip
+    return g
 
 
 # ---------------------------------------------------------------------- which steps count

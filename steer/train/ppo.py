@@ -15,15 +15,7 @@ import torch
 from torch import Tensor
 
 from steer.train.batch import RolloutBatch, select
-from steer.train.run import (
-    Run,
-    collect,
-    fresh_reward,
-    handle_nonfinite,
-    step_or_skip,
-    train_on_batch,
-)
-from steer.train.sampling import NonFiniteError
+from steer.train.run import Run, attempt, collect, fresh_reward, step_or_skip, train_on_batch
 
 
 def select_rows(batch: RolloutBatch, rows: Tensor) -> RolloutBatch:
@@ -50,11 +42,8 @@ def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _train(run: Run, batch: RolloutBatch) -> list[dict[str, float]]:
-    try:
-        return [train_on_batch(run, batch)]
-    except NonFiniteError as err:
-        handle_nonfinite(run, err)
-        return []
+    metrics = attempt(run, lambda: train_on_batch(run, batch))  # every rank skips or raises
+    return [] if metrics is None else [metrics]
 
 
 def ppo_updates(run: Run, batches: list[RolloutBatch]) -> list[dict[str, float]]:
@@ -81,11 +70,10 @@ def ppo_round(run: Run) -> tuple[list[float], dict[str, float]]:
     metrics of the round's updates."""
     rewards, batches = [], []
     for _ in range(run.cfg.train.grad_accum):
-        try:
-            fresh, batch = collect(run)
-        except NonFiniteError as err:
-            handle_nonfinite(run, err)
+        collected = attempt(run, lambda: collect(run))  # every rank skips or raises together
+        if collected is None:
             continue
+        fresh, batch = collected
         rewards.append(fresh_reward(run, fresh))
         batches.append(batch)
     return rewards, mean_metrics(ppo_updates(run, batches) if batches else [])

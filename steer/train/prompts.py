@@ -60,16 +60,37 @@ BUILTIN: dict[str, list[str]] = {
 
 
 def load_prompts(cfg: PromptConfig) -> list[str] | None:
-    """The prompt set of a run, or ``None`` for an unconditional model."""
+    """The prompt set of a run, or ``None`` for an unconditional model. Raises
+    ``FileNotFoundError`` for a missing ``prompts.file``, ``ValueError`` for an empty one and for
+    evaluation prompts outside the set (the evaluation reuses the training prompts' embeddings)."""
+    prompts = _training_prompts(cfg)
+    outside = [p for p in cfg.eval_prompts if prompts is None or p not in prompts]
+    if outside:
+        fix = (
+            "add them to the training prompts or leave prompts.eval_prompts empty"
+            if prompts is not None
+            else "an unconditional run has no prompts: leave prompts.eval_prompts empty"
+        )
+        raise ValueError(f"prompts.eval_prompts {outside[:3]} are not training prompts; {fix}")
+    return prompts
+
+
+def _training_prompts(cfg: PromptConfig) -> list[str] | None:
     if cfg.prompt is not None:
         if not cfg.prompt.strip():
-            raise ValueError("prompts.prompt is empty")
+            raise ValueError("prompts.prompt is empty; give a prompt or null")
         return [cfg.prompt]
     if cfg.file is not None:
-        path = Path(cfg.file)
+        path = Path(cfg.file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"prompts.file={path} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            raise FileNotFoundError(
+                f"prompts.file={path} does not exist; give a text file with one prompt per line"
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"prompts.file={path} is not UTF-8 text ({err.reason})") from err
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"prompts.file={path} holds no prompt (one per line expected)")
         return prompts

@@ -4,26 +4,36 @@ Gradients are taken step by step (one UNet graph in memory at a time, see ``obje
 UNet is not wrapped in DistributedDataParallel, whose one-forward-one-backward contract this does
 not fit: the trainable gradients (LoRA adapters, log Z, the flow network: small) are averaged
 over processes in one all-reduce per optimiser step instead.
+
+The ranks agree (``steer.train.ranks``) before each collective call: a non-finite value on one
+rank makes every rank skip that batch, or save and raise, together (:func:`attempt`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from steer.checkpoints import final_path, pause_for_tests
+from steer.rewards import NonFiniteRewardError
 from steer.train.batch import RolloutBatch, StepTerms, concat_batches, to_device
-from steer.train.checkpoint import TrainState, save_checkpoint
+from steer.train.checkpoint import TrainState, load_checkpoint, save_checkpoint, weights_digest
 from steer.train.config import FinetuneConfig
 from steer.train.models import Components
 from steer.train.objectives import FinetuneObjective, choose_steps, stochastic_steps
+from steer.train.ranks import OtherRankFailed, describe_failure, flagged_ranks
 from steer.train.replay import ReplayBuffer, rescore
 from steer.train.sampling import NonFiniteError, sample_batch
 from steer.trajectory import Trajectory
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,6 +53,7 @@ class Run:
     first_noise_checksum: float = float("nan")
     stop_signal: list[int] = field(default_factory=list)
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    saved_step: int = -1  # the step of the last checkpoint written or loaded
 
 
 def trained_steps(run: Run, traj: Trajectory) -> list[int]:
@@ -107,11 +118,37 @@ def train_on_batch(run: Run, batch: RolloutBatch) -> dict[str, float]:
 
 
 def sample(run: Run, generator: torch.Generator | None = None) -> RolloutBatch:
-    """One fresh rollout batch of this process: ``sample_batch`` with the run's parts."""
+    """One fresh rollout batch of this process: ``sample_batch`` with the run's parts. Its
+    gather of rewards (advantages) first checks that no rank failed before it; a rank failing
+    before that gather answers the others' check."""
     p, acc = run.parts, run.accelerator
     gen = run.state.generator if generator is None else generator
-    return sample_batch(run.cfg, p.policy, p.prior, p.reward, p.decode, p.cond, gen, acc.gather,
-                        acc.process_index, run.objective)  # fmt: skip
+    reached = []
+
+    def gather(t: Tensor) -> Tensor:
+        reached.append(True)
+        if flagged_ranks(acc, False):
+            raise OtherRankFailed()
+        return acc.gather(t)
+
+    try:
+        return sample_batch(run.cfg, p.policy, p.prior, p.reward, p.decode, p.cond, gen, gather,
+                            acc.process_index, run.objective)  # fmt: skip
+    except (NonFiniteError, NonFiniteRewardError) as err:
+        if acc.num_processes > 1 and run.objective.needs.advantages and not reached:
+            flagged_ranks(acc, True)  # the check the other ranks wait in
+        if isinstance(err, NonFiniteRewardError):  # the reward model's own check
+            raise RewardNotFinite(err) from err
+        raise
+
+
+class RewardNotFinite(NonFiniteError):
+    """A reward model's ``NonFiniteRewardError``, handled like any non-finite value (skipped or
+    saved and raised, on every rank together)."""
+
+    def __init__(self, err: Exception) -> None:
+        super().__init__("reward", [], None)
+        self.args = (f"non-finite reward: {err}",)
 
 
 def with_replay(run: Run, fresh: RolloutBatch) -> RolloutBatch:
@@ -140,9 +177,10 @@ def sync_and_step(run: Run) -> float:
         for p, g in zip(run.params, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = g.view_as(p).clone()
     norm = float(acc.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm))
-    if not math.isfinite(norm) and acc.scaler is None:
+    if not math.isfinite(norm) and acc.scaler is None:  # the same on every rank
         raise NonFiniteError("gradient norm", [], None)
     run.optimizer.step()
+    pause_for_tests("optimizer_step", run.state.step + 1)
     run.optimizer.zero_grad(set_to_none=True)
     if run.lr_scheduler is not None:
         run.lr_scheduler.step()
@@ -171,25 +209,40 @@ def make_lr_scheduler(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def handle_nonfinite(run: Run, err: NonFiniteError) -> None:
+def handle_nonfinite(run: Run, err: NonFiniteError | None, failed: list[int] | None = None) -> None:
     """Skip (drop the gradients gathered so far, count) or save the weights, never stepped with a
-    non-finite loss or gradient, and raise."""
+    non-finite loss or gradient, and raise; on every rank together (``failed``: the ranks that
+    reported it, all of them when omitted: a value every rank computed the same)."""
+    acc = run.accelerator
     if run.cfg.train.on_nonfinite == "skip":
         run.skipped += 1
         for p in run.params:  # not optimizer.zero_grad: a no-op inside an accumulation window
             p.grad = None
         return
-    path = save_checkpoint(
-        run.accelerator,
-        run.out,
-        run.state.step,
-        run.cfg.to_dict(),
-        run.cfg.log.checkpoints_total_limit,
-    )
+    failed = list(range(acc.num_processes)) if failed is None else failed
+    what, term = describe_failure(acc, err, failed)
+    path = checkpoint(run)
     raise RuntimeError(
-        f"stopped at step {run.state.step}: {err} (term: {err.term}); saved {path}. Set "
+        f"stopped at step {run.state.step}: {what} (term: {term}); saved {path}. Set "
         "train.on_nonfinite=skip to skip and count such batches instead"
     ) from err
+
+
+def attempt(run: Run, fn: Callable[[], T]) -> T | None:
+    """``fn()`` on every rank, then one check that no rank met a non-finite value: if one did,
+    every rank handles it together (``handle_nonfinite``: skip, or save and raise) and ``None``
+    is returned, so that all ranks go on to the same collective calls."""
+    try:
+        result, err = fn(), None
+    except NonFiniteError as e:
+        result, err = None, e
+    failed = flagged_ranks(
+        run.accelerator, err is not None and not isinstance(err, OtherRankFailed)
+    )
+    if not failed:
+        return result
+    handle_nonfinite(run, err, failed)
+    return None
 
 
 def step_or_skip(run: Run) -> float:
@@ -205,6 +258,7 @@ def collect(run: Run) -> tuple[RolloutBatch, RolloutBatch]:
     """A fresh rollout batch and the batch to train on (with replay), sampled under the autocast
     of the re-scoring in ``train_on_batch``: stored and re-scored log-probs at one precision (so
     an on-policy ratio is 1 under bf16 too, not 1 ± 1e-3; decoding and rewards stay float32)."""
+    pause_for_tests("rollout", run.state.step + 1)
     with run.accelerator.autocast():
         fresh = sample(run)
         batch = with_replay(run, fresh)
@@ -222,13 +276,56 @@ def train_round(run: Run) -> tuple[list[float], dict[str, float]]:
     """One ``train.steps`` step of a GFlowNet objective: ``train.grad_accum`` fresh rollouts
     (their mean rewards) and one optimiser step (on-policy objectives: ``steer.train.ppo``)."""
     acc, rewards, metrics = run.accelerator, [], {}
+
+    def collect_and_train() -> tuple[RolloutBatch, dict[str, float]]:
+        fresh, batch = collect(run)
+        return fresh, train_on_batch(run, batch)
+
     for _ in range(run.cfg.train.grad_accum):
         with acc.accumulate(run.parts.policy.unet):
-            try:
-                fresh, batch = collect(run)
-                metrics = train_on_batch(run, batch)
-            except NonFiniteError as err:
-                handle_nonfinite(run, err)
+            done = attempt(run, collect_and_train)
+            if done is None:
                 continue
+            fresh, metrics = done
             rewards.append(fresh_reward(run, fresh))
     return rewards, {**metrics, "grad_norm": step_or_skip(run)}
+
+
+def rank_state(run: Run) -> dict[str, Tensor]:
+    """What this rank saves of its own: its generator, its replay buffer, its first noise, and
+    a digest of its trainable weights (equal on every rank)."""
+    state = {
+        "generator": run.state.generator.get_state(),
+        "skipped": torch.tensor(run.skipped),
+        "first_noise_checksum": torch.tensor(run.first_noise_checksum, dtype=torch.float64),
+        "weights_sha256": weights_digest(run.params),
+    }
+    if run.buffer is not None:
+        state.update({f"replay.{k}": v for k, v in run.buffer.state_dict().items()})
+    return state
+
+
+def checkpoint(run: Run) -> Path:
+    """Save ``checkpoint-<step>`` on every rank (unless this step is saved already)."""
+    acc, cfg, step = run.accelerator, run.cfg, run.state.step
+    if run.saved_step != step:
+        save_checkpoint(acc, run.out, step, cfg.to_dict(), cfg.log.checkpoints_total_limit,
+                        rank_state(run))  # fmt: skip
+        run.saved_step = step
+    return final_path(run.out, step)
+
+
+def restore(run: Run, path: Path) -> None:
+    """Load a checkpoint into the run: shared state on every rank, then this rank's own."""
+    acc = run.accelerator
+    own = load_checkpoint(acc, path)
+    run.state.generator.set_state(own["generator"])
+    run.skipped = int(own["skipped"])
+    run.first_noise_checksum = float(own["first_noise_checksum"])
+    if run.buffer is not None:
+        run.buffer.load_state_dict(
+            {k.removeprefix("replay."): v for k, v in own.items() if k.startswith("replay.")}
+        )
+    # rounds start an accumulation window (a checkpoint saved on a non-finite value mid-round)
+    acc.step -= acc.step % run.cfg.train.grad_accum
+    run.saved_step = run.state.step

@@ -30,10 +30,14 @@ class Conditioning:
     embeds: Tensor | None = None  # [P, L, D]
     pooled: Tensor | None = None  # [P, D]
 
-    def draw(self, batch: int, generator: torch.Generator) -> Tensor | None:
-        """Prompt indices ``[B]`` drawn uniformly with this rank's generator."""
+    def draw(self, batch: int, generator: torch.Generator, group: int = 1) -> Tensor | None:
+        """Prompt indices ``[B]`` drawn uniformly with this rank's generator; ``group > 1``:
+        ``B / group`` prompts, each repeated ``group`` times in consecutive rows."""
         if self.prompts is None:
             return None
+        if group > 1:
+            drawn = torch.randint(len(self.prompts), (batch // group,), generator=generator)
+            return drawn.repeat_interleave(group)
         return torch.randint(len(self.prompts), (batch,), generator=generator)
 
 
@@ -97,7 +101,9 @@ def sample_batch(
     device = policy.device
     decode = _float32(decode, device)  # only the UNet passes follow the caller's autocast
     # 1. prompts and the rollout (no grad)
-    idx = cond.draw(b, generator)
+    if objective is None:
+        objective = make_objective(cfg.objective) if needs.advantages else None
+    idx = cond.draw(b, generator, 1 if objective is None else objective.group_size)
     embeds = None if idx is None else cond.embeds[idx].to(device)
     prompts = None if idx is None else [cond.prompts[i] for i in idx.tolist()]
     noise = None
@@ -145,11 +151,9 @@ def sample_batch(
     # 4. advantages from rewards gathered over every process, normalised per prompt
     advantages = None
     if needs.advantages:
-        group = None if idx is None else idx.to(device)
+        group = objective.group_ids(None if idx is None else idx.to(device), b, rank)
         all_raw = gather(raw)
-        all_group = None if group is None else gather(group)
-        if objective is None:
-            objective = make_objective(cfg.objective)
+        all_group = None if group is None else gather(group.to(device))
         advantages = objective.advantages(all_raw, all_group)
         advantages = advantages[rank * b : (rank + 1) * b]  # this process's rows
     return RolloutBatch(
