@@ -14,6 +14,7 @@ from steer.pipelines._common import SteerPipelineOutput
 from steer.pipelines.ddpm import SteerDDPMPipeline
 from steer.pipelines.stable_diffusion import SteerStableDiffusionPipeline
 from steer.pipelines.stable_diffusion_3 import SteerStableDiffusion3Pipeline
+from steer.pipelines.stable_diffusion_xl import SteerStableDiffusionXLPipeline
 
 __all__ = [
     "PIPELINES",
@@ -21,6 +22,7 @@ __all__ = [
     "SteerPipelineOutput",
     "SteerStableDiffusion3Pipeline",
     "SteerStableDiffusionPipeline",
+    "SteerStableDiffusionXLPipeline",
     "load_pipeline",
     "pipeline_class",
 ]
@@ -29,6 +31,7 @@ PIPELINES: tuple[type, ...] = (
     SteerDDPMPipeline,
     SteerStableDiffusionPipeline,
     SteerStableDiffusion3Pipeline,
+    SteerStableDiffusionXLPipeline,
 )
 
 

@@ -39,8 +39,6 @@ from steer.pipelines._common import (
 
 __all__ = ["SteerStableDiffusion3Pipeline"]
 
-_HUB_KEYS = ("cache_dir", "revision", "local_files_only")
-
 
 class SteerStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin):
     """Stable Diffusion 3 with the densities of §2b: ``__call__`` can return the trajectory.
@@ -101,11 +99,6 @@ class SteerStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin):
         check_model_folder(
             pretrained_model_name_or_path, ("transformer", "vae", "text_encoder", "text_encoder_2")
         )
-        hub = {k: kwargs[k] for k in _HUB_KEYS if k in kwargs}
-        index = cls.load_config(pretrained_model_name_or_path, **hub)
-        for unused in ("image_encoder", "feature_extractor"):  # SD3.5 IP-adapter parts: skip
-            if unused in index:
-                kwargs.setdefault(unused, None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------------------------------------

@@ -17,8 +17,11 @@ def _depth(sd: Mapping[str, Tensor], pattern: str) -> int:
     return 1 + max(found) if found else 0
 
 
-def _open_clip_names(vision: tuple[int, int, int], text_width: int | None) -> list[str]:
-    """open_clip architectures with this (vision width, layers, patch) and text width."""
+def _open_clip_names(
+    vision: tuple[int, int, int, int], text_width: int | None, coca: bool
+) -> list[str]:
+    """open_clip architectures with this (vision width, layers, patch, image size) and text
+    width (CoCa models only for a file with a text decoder)."""
     try:
         import open_clip
     except ImportError:  # pragma: no cover - open_clip is a dependency
@@ -27,13 +30,15 @@ def _open_clip_names(vision: tuple[int, int, int], text_width: int | None) -> li
     for name in open_clip.list_models():
         cfg = open_clip.get_model_config(name) or {}
         v, t = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-        if (v.get("width"), v.get("layers"), v.get("patch_size")) != vision:
+        size = v.get("image_size", 224)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        if (v.get("width"), v.get("layers"), v.get("patch_size"), size) != vision:
             continue
         if text_width is not None and t.get("width") != text_width:
             continue
-        if not name.endswith("-quickgelu"):
+        if ("multimodal_cfg" in cfg) == coca and not name.endswith("-quickgelu"):
             names.append(name)
-    return names
+    return sorted(names, key=lambda n: (len(n), n))  # the plain name first
 
 
 def _open_clip(sd: Mapping[str, Tensor]) -> str | None:
@@ -41,12 +46,16 @@ def _open_clip(sd: Mapping[str, Tensor]) -> str | None:
     if conv is None:
         return None
     layers = _depth(sd, r"visual\.transformer\.resblocks\.(\d+)\.")
-    vision = (int(conv.shape[0]), layers, int(conv.shape[-1]))
+    patch = int(conv.shape[-1])
+    pos = sd.get("visual.positional_embedding")
+    size = patch * round((int(pos.shape[0]) - 1) ** 0.5) if pos is not None else 224
+    vision = (int(conv.shape[0]), layers, patch, size)
     text = sd.get("ln_final.weight")
     text_width = None if text is None else int(text.shape[0])
-    names = _open_clip_names(vision, text_width)
+    coca = any(k.startswith("text_decoder.") for k in sd)
+    names = _open_clip_names(vision, text_width, coca)
     arch = " / ".join(names[:3]) if names else "an open_clip ViT"
-    desc = f"vision width {vision[0]}, {vision[1]} layers, patch {vision[2]}"
+    desc = f"vision width {vision[0]}, {layers} layers, patch {patch}, {size} px"
     if text_width is not None:
         text_layers = _depth(sd, r"transformer\.resblocks\.(\d+)\.")
         desc += f"; text width {text_width}, {text_layers} layers"

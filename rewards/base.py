@@ -160,6 +160,37 @@ def _pil_pass(x: Tensor, dim: int, out_size: int) -> Tensor:
     return (smooth + (exact - smooth).detach()).transpose(dim, -1)
 
 
+@functools.lru_cache(maxsize=256)
+def _vertical_first(h: int, w: int, new_h: int, new_w: int) -> bool:
+    """Whether the installed Pillow resizes ``(h, w) -> (new_h, new_w)`` with its vertical pass
+    first (Pillow 13 does when the height shrinks more; older Pillows never): probed once per
+    size pair on a random uint8 image, comparing both orders of :func:`_pil_pass` with Pillow."""
+    import numpy as np
+    from PIL import Image
+
+    if new_h == h or new_w == w:
+        return False
+    probe = np.random.default_rng(0).integers(0, 256, size=(h, w), dtype=np.uint8)
+    out = Image.fromarray(probe).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    pil = torch.from_numpy(np.asarray(out).astype(np.float64)) / 255
+    x = torch.from_numpy(probe.astype(np.float64)).view(1, 1, h, w) / 255
+    horizontal = _pil_pass(_pil_pass(x, -1, new_w), -2, new_h)[0, 0]
+    return not torch.equal(horizontal, pil)
+
+
+def _pil_resize(x: Tensor, new_h: int, new_w: int) -> Tensor:
+    """Pillow's two-pass uint8 bicubic resize of uint8-valued ``x`` (``[B, C, H, W]``), in the
+    order of its passes (each pass rounds to uint8, so the order shows in the last bit)."""
+    h, w = x.shape[-2:]
+    passes = [(-1, new_w), (-2, new_h)]
+    if _vertical_first(h, w, new_h, new_w):
+        passes.reverse()
+    for dim, size in passes:
+        if x.shape[dim] != size:
+            x = _pil_pass(x, dim, size)
+    return x
+
+
 def resize_center_crop(
     images: Tensor,
     size: int | tuple[int, int],
@@ -192,11 +223,7 @@ def resize_center_crop(
     dtype = images.dtype  # antialiased bicubic in float32 for half / bfloat16 inputs
     x = images.float() if dtype in (torch.float16, torch.bfloat16) else images
     if pil_rounding:
-        x = quantize_uint8(x)
-        if new_w != w:  # Pillow: the horizontal pass first, into a uint8 image
-            x = _pil_pass(x, -1, new_w)
-        if new_h != h:
-            x = _pil_pass(x, -2, new_h)
+        x = _pil_resize(quantize_uint8(x), new_h, new_w)
     elif (new_h, new_w) != (h, w):
         x = _bicubic(x, (new_h, new_w))
     # 2. center crop

@@ -101,11 +101,11 @@ def _tiny_model(tokenizer: Any) -> nn.Module:
 
 
 def _load(kind: str, ident: str, cache_dir: str | None) -> Any:
-    from transformers import AutoProcessor, CLIPModel
+    from transformers import CLIPModel, CLIPProcessor
 
     from ._hub import offline
 
-    loader = CLIPModel if kind == "model" else AutoProcessor
+    loader = CLIPModel if kind == "model" else CLIPProcessor
     try:
         return loader.from_pretrained(ident, cache_dir=cache_dir, local_files_only=offline())
     except (OSError, ValueError) as err:

@@ -38,6 +38,8 @@ __all__ = [
     "tiny_ddpm_pipeline",
     "tiny_sd3_components",
     "tiny_sd3_pipeline",
+    "tiny_sdxl_components",
+    "tiny_sdxl_pipeline",
 ]
 
 TINY_WORDS = ("a", "cat", "dog", "photo", "of", "red", "blue", "the")
@@ -261,3 +263,72 @@ def tiny_sd3_pipeline(seed: int = 0, **scheduler_overrides: Any) -> Any:
     from steer.pipelines import SteerStableDiffusion3Pipeline
 
     return SteerStableDiffusion3Pipeline(**tiny_sd3_components(seed, **scheduler_overrides))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stable Diffusion XL: a text_time UNet, CLIPTextModel + CLIPTextModelWithProjection
+# ----------------------------------------------------------------------------------------------
+def tiny_sdxl_components(seed: int = 0, **scheduler_overrides: Any) -> dict[str, Any]:
+    """Random SDXL components: ``unet`` (latents 4x8x8, ``addition_embed_type="text_time"``,
+    cross-attention 16 + 16 = 32, pooled 16, time ids 6 x 4), ``vae`` (images 3x16x16, SDXL's
+    scaling factor), ``text_encoder`` (CLIP, width 16), ``text_encoder_2`` (CLIP with projection,
+    width 16), their tokenizers and SD's DDIM scheduler."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        cross_attention_dim=32,  # the two encoders' penultimate states side by side
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=16 + 6 * 4,  # pooled + 6 time ids
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        scaling_factor=0.13025,  # SDXL's latent statistics
+    )
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=_MAX_LEN,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "text_encoder_2": _tiny_clip_with_projection(len(tokenizer_2), 16),
+        "tokenizer_2": tokenizer_2,
+        "scheduler": tiny_ddim_scheduler(**scheduler_overrides),
+    }
+
+
+def tiny_sdxl_pipeline(seed: int = 0, **scheduler_overrides: Any) -> Any:
+    """A tiny random :class:`~steer.pipelines.SteerStableDiffusionXLPipeline`."""
+    from steer.pipelines import SteerStableDiffusionXLPipeline
+
+    return SteerStableDiffusionXLPipeline(**tiny_sdxl_components(seed, **scheduler_overrides))

@@ -310,6 +310,31 @@ def test_resize_center_crop_matches_torchvision(h: int, w: int) -> None:
     torch.testing.assert_close(resize_center_crop(x, 32), ref.clamp(0, 1))
 
 
+@pytest.mark.parametrize(("h", "w"), [(40, 48), (57, 31), (32, 32), (16, 20), (97, 33)])
+def test_resize_center_crop_with_pil_rounding_equals_pillow(h: int, w: int) -> None:
+    """``pil_rounding``: Pillow's uint8 bicubic resize exactly (white noise, the worst case for
+    rounding), with torchvision's and transformers' crop offsets; gradients stay finite."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    x = (images(2, h, w) * 255).round() / 255
+    for floor in (False, True):
+        ref = []
+        for im in x:
+            pil = Image.fromarray((im * 255).round().byte().permute(1, 2, 0).numpy())
+            pil = TF.resize(pil, 32, InterpolationMode.BICUBIC)
+            if floor:  # transformers' center_crop: offsets rounded down
+                top, left = (pil.height - 32) // 2, (pil.width - 32) // 2
+                pil = pil.crop((left, top, left + 32, top + 32))
+            ref.append(TF.to_tensor(pil if floor else TF.center_crop(pil, [32, 32])))
+        ours = resize_center_crop(x, 32, floor_offsets=floor, pil_rounding=True)
+        torch.testing.assert_close(ours, torch.stack(ref), rtol=0, atol=0)
+    xg = x.clone().requires_grad_()
+    resize_center_crop(xg, 32, pil_rounding=True).square().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+
+
 MISSING = [
     ("aesthetic", {}, "download trl-lib/ddpo-aesthetic-predictor aesthetic-model.pth"),
     ("clip-score", {}, "huggingface-cli download timm/vit_large_patch14_clip_224.openai"),

@@ -180,7 +180,7 @@ def test_presets_load(tmp_path) -> None:
     assert len(presets) >= 7
     for p in presets:
         cfg = load_config(p)
-        assert cfg.objective.name in ("tb", "rtb", "db", "ddpo", "dpok")
+        assert cfg.objective.name in ("tb", "rtb", "db", "ddpo", "dpok", "grpo")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
 

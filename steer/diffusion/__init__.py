@@ -1,5 +1,6 @@
 """The diffusers bridge: Gaussian step densities (§2, §2b), :class:`DiffusionPolicy` (UNets),
-:class:`FlowMatchPolicy` (flow-matching transformers, SD3), rollout.
+:class:`FlowMatchPolicy` (flow-matching transformers, SD3), :class:`SDXLPolicy` (SDXL's UNet),
+rollout.
 
 Only diffusers' public API is used: a scheduler's ``alphas_cumprod`` (or ``sigmas``),
 ``timesteps`` and ``config``.
@@ -47,6 +48,7 @@ from steer.diffusion.schedule import (
     scheduler_from_config,
     scheduler_kind,
 )
+from steer.diffusion.sdxl import SDXLPolicy, pack_sdxl_cond, unpack_sdxl_cond
 
 __all__ = [
     "FAMILIES",
@@ -68,6 +70,9 @@ __all__ = [
     "make_flow_schedule",
     "pack_cond",
     "unpack_cond",
+    "SDXLPolicy",
+    "pack_sdxl_cond",
+    "unpack_sdxl_cond",
     "exact_posterior",
     "StepCallback",
     "StepOutput",

@@ -375,5 +375,6 @@ class FlowMatchPolicy(GaussianStepPolicy):
 # the rectified-flow transformers of Stable Diffusion 3 / 3.5
 register_family(
     ModelFamily("sd3", SD3Transformer2DModel, FlowMatchPolicy, conditional=True,
-                component="transformer")
+                component="transformer", schedulers=("FlowMatchEulerDiscreteScheduler",),
+                spacing=False)
 )  # fmt: skip

@@ -123,6 +123,14 @@ class DiffusionPolicy(GaussianStepPolicy):
         return gaussian_log_prob(x_t.to(dtype), ratio.sqrt() * x_next.to(dtype), (1 - ratio).sqrt())
 
 
+def _no_added_cond(unet: nn.Module) -> bool:
+    """A UNet that needs no ``added_cond_kwargs`` (SDXL's ``text_time`` is the ``sdxl`` family)."""
+    return unet.config.get("addition_embed_type") in (None, "text")
+
+
 # the two UNet families of Stable Diffusion 1.x/2.x and of unconditional pixel/latent priors
 register_family(ModelFamily("unet", UNet2DModel, DiffusionPolicy, conditional=False))
-register_family(ModelFamily("unet-text", UNet2DConditionModel, DiffusionPolicy, conditional=True))
+register_family(
+    ModelFamily("unet-text", UNet2DConditionModel, DiffusionPolicy, conditional=True,
+                accepts=_no_added_cond, requires="addition_embed_type None or 'text' (SD 1.x/2.x)")
+)  # fmt: skip

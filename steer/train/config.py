@@ -56,7 +56,10 @@ class ModelConfig:
     timestep_spacing: str | None = None  # leading | trailing | linspace; None keeps the model's
     # the sampler fine-tuned, over the model's own noise schedule (DDIM's η family; a
     # DDPM-scheduled model is sampled by DDIM too unless this says DDPMScheduler)
-    scheduler: str = "DDIMScheduler"
+    scheduler: str | None = None  # None: the model family's first (UNets: DDIMScheduler)
+    # keyword arguments of the pipeline's from_pretrained, e.g. {text_encoder_3: null,
+    # tokenizer_3: null} loads SD3 without its T5 encoder (less memory, other embeddings)
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
     gradient_checkpointing: bool = False
     cache_dir: str | None = None
     # the last N steps sample from the frozen prior: fine-tuning acts on the first K - N steps
@@ -75,9 +78,12 @@ class ModelConfig:
                 f"got {self.prior_tail_steps}"
             )
         _positive("model.guidance_scale", self.guidance_scale, strict=False)
-        from steer.diffusion.schedule import SUPPORTED_SCHEDULERS
 
-        _choice("model.scheduler", self.scheduler, SUPPORTED_SCHEDULERS)
+        if self.scheduler is not None:
+            from steer.diffusion import FAMILIES
+
+            known = tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.schedulers))
+            _choice("model.scheduler", self.scheduler, known)
         if self.timestep_spacing is not None:
             _choice("model.timestep_spacing", self.timestep_spacing,
                     ("leading", "trailing", "linspace"))  # fmt: skip

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from steer.diffusion import (
+    SCHEDULERS,
     DiffusionPolicy,
+    ModelFamily,
     add_lora,
     denoiser_of,
     family_of,
@@ -66,6 +68,8 @@ BUILTIN_MODELS: dict[str, Callable[[ModelConfig], Any]] = {
     # random tiny pipelines for tests, seeded: the same weights on every process
     "tiny": lambda m: _call("steer.testing:tiny_sd_pipeline", seed=0),
     "tiny-unconditional": lambda m: _call("steer.testing:tiny_ddpm_pipeline"),
+    "tiny-sd3": lambda m: _call("steer.testing:tiny_sd3_pipeline", seed=0),
+    "tiny-sdxl": lambda m: _call("steer.testing:tiny_sdxl_pipeline", seed=0),
 }
 
 
@@ -77,7 +81,33 @@ def load_pipeline(cfg: FinetuneConfig) -> Any:
     name = cfg.model.pretrained
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name](cfg.model)
-    return load(name, revision=cfg.model.revision)
+    return load(name, revision=cfg.model.revision, **dict(cfg.model.load_kwargs))
+
+
+def fine_tuning_scheduler(cfg: FinetuneConfig, family: ModelFamily, model_scheduler: Any) -> Any:
+    """The sampler of fine-tuning: ``model.scheduler`` (default: the family's first) over the
+    model's own noise schedule, with ``model.timestep_spacing`` where the family has one."""
+    name = cfg.model.scheduler or family.schedulers[0]
+    if name not in family.schedulers:
+        raise ValueError(
+            f"model.scheduler={name!r} does not sample the {family.name!r} family of "
+            f"{cfg.model.pretrained}; choose one of {', '.join(family.schedulers)}"
+        )
+    config, overrides = model_scheduler.config, {}
+    if family.spacing:
+        overrides["timestep_spacing"] = cfg.model.timestep_spacing or config.get(
+            "timestep_spacing", "leading"
+        )
+    elif cfg.model.timestep_spacing is not None:
+        raise ValueError(
+            f"model.timestep_spacing={cfg.model.timestep_spacing!r} does not apply to the "
+            f"{family.name!r} family (its {name} takes the model's own sigmas): remove it"
+        )
+    if name in SCHEDULERS:
+        return scheduler_from_config(config, name, **overrides)
+    import diffusers
+
+    return getattr(diffusers, name).from_config(config, **overrides)
 
 
 def _encode_prompts(pipe: Any, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -87,6 +117,15 @@ def _encode_prompts(pipe: Any, prompts: list[str], device: torch.device) -> tupl
     return embeds.float().to(device), pooled.float().to(device)
 
 
+def _negative_embeds(pipe: Any, device: torch.device) -> Tensor:
+    """The unconditional embeddings ``[1, L, D]`` of guidance: the pipeline's own where it has
+    them (``negative_cond``: SDXL's zeros, as diffusers samples it), else the empty prompt's."""
+    if not hasattr(pipe, "negative_cond"):
+        return _encode_prompts(pipe, [""], device)[0]
+    with torch.no_grad():
+        return pipe.negative_cond(1).float().to(device)
+
+
 def build_components(cfg: FinetuneConfig, device: torch.device) -> Components:
     """Load the model, add LoRA (or prepare full fine-tuning), the frozen prior, the reward."""
     import steer.rewards
@@ -94,11 +133,9 @@ def build_components(cfg: FinetuneConfig, device: torch.device) -> Components:
     pipe = load_pipeline(cfg)
     pipe.to(device)
     unet = denoiser_of(pipe)
-    conditional = family_of(unet).conditional
-    # the sampler of fine-tuning: model.scheduler over the model's own noise schedule
-    spacing = cfg.model.timestep_spacing or pipe.scheduler.config.get("timestep_spacing", "leading")
-    scheduler = scheduler_from_config(pipe.scheduler.config, cfg.model.scheduler,
-                                      timestep_spacing=spacing)  # fmt: skip
+    family = family_of(unet)
+    conditional = family.conditional
+    scheduler = fine_tuning_scheduler(cfg, family, pipe.scheduler)
     # 1. prompts (conditional models only)
     prompts = load_prompts(cfg.prompts)
     if conditional and prompts is None:
@@ -110,10 +147,12 @@ def build_components(cfg: FinetuneConfig, device: torch.device) -> Components:
         raise ValueError(f"model {cfg.model.pretrained} is unconditional: remove the prompts")
     cond, negative = Conditioning(prompts), None
     if conditional:
-        pipe.text_encoder.requires_grad_(False)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).requires_grad_(False)
         cond.embeds, cond.pooled = _encode_prompts(pipe, prompts, device)
         if cfg.model.guidance_scale != 1.0:
-            negative = _encode_prompts(pipe, [""], device)[0]
+            negative = _negative_embeds(pipe, device)
     # 2. trainable weights: LoRA adapters, or the whole UNet with a frozen copy as the prior
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

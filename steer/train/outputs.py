@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import save_file
 
+from steer.diffusion import family_of
 from steer.images import diversity, save_grid
 from steer.train.config import FinetuneConfig
 
@@ -137,7 +138,7 @@ def save_final(run: Run, wall_time: float) -> None:
     if parts.lora:  # diffusers' own LoRA format: pipe.load_lora_weights(out / "lora")
         parts.pipeline.save_lora_weights(out / "lora")
     else:
-        unet.save_pretrained(out / "unet")
+        unet.save_pretrained(out / family_of(unet).component)  # unet/ or transformer/
         parts.policy.scheduler.save_pretrained(out / "scheduler")
     for name in ("log_z", "flow"):
         module = getattr(run.objective, name)
