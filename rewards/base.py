@@ -151,12 +151,14 @@ def _pil_pass(x: Tensor, dim: int, out_size: int) -> Tensor:
     """One Pillow resampling pass of uint8-valued ``x`` along ``dim`` (-1: width, -2: height):
     the forward value is Pillow's integer arithmetic (round half up, clip to uint8), the gradient
     that of the same weights in float (straight-through)."""
-    w = _pil_weights(x.shape[dim], out_size).to(x.device)  # [out, in], integers
+    w = _pil_weights(x.shape[dim], out_size)  # [out, in], integers (float64, on the CPU)
     xt = x.transpose(dim, -1)
-    smooth = xt @ (w / (1 << _PIL_BITS)).to(x.dtype).T  # [..., out]
-    with torch.no_grad():
-        acc = torch.floor((xt.double() * 255).round() @ w.T + (1 << (_PIL_BITS - 1)))
-        exact = (torch.floor(acc / (1 << _PIL_BITS)).clamp(0, 255) / 255).to(x.dtype)
+    smooth = xt @ (w / (1 << _PIL_BITS)).to(x.device, x.dtype).T  # [..., out]
+    with torch.no_grad():  # integer arithmetic, exact in float64 (on the CPU for MPS)
+        dev = torch.device("cpu") if x.device.type == "mps" else x.device
+        ints = (xt.detach().to(dev, torch.float64) * 255).round()
+        acc = torch.floor(ints @ w.to(dev).T + (1 << (_PIL_BITS - 1)))
+        exact = (torch.floor(acc / (1 << _PIL_BITS)).clamp(0, 255) / 255).to(x.device, x.dtype)
     return (smooth + (exact - smooth).detach()).transpose(dim, -1)
 
 

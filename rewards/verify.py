@@ -12,9 +12,11 @@ The reference of each model reward is the code its checkpoint was published with
 - ``pickscore``: transformers ``CLIPModel`` and its processor (PIL backend) as in the PickScore
   model card.
 
-The first three come from :mod:`steer.rewards.reference` (installed with ``pip install --no-deps``,
-or fetched with ``--fetch-reference``); without them only steer's scores are printed. The images
-are generated (no download) at the reward's input size, so both sides see the same pixels.
+The references are built by :mod:`steer.rewards.reference_models`; the first three packages come
+from :mod:`steer.rewards.reference` (installed with ``pip install --no-deps``, or fetched with
+``--fetch-reference``); without them only steer's scores are printed. The images are generated (no
+download) at the reward's input size, so both sides see the same pixels. Bad files or keywords
+exit with status 2 and one line; a difference beyond ``--tol`` with status 1.
 """
 
 from __future__ import annotations
@@ -227,10 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tol", type=float, default=1e-3, help="largest relative difference accepted (exit 1)"
     )
     args = parser.parse_args(list(argv or []))
-    result = verify(
-        args.name, args.weights, dict(args.kw), med_config=args.med_config,
-        reference_clip=args.reference_clip, fetch=args.fetch_reference,
-    )  # fmt: skip
+    try:
+        result = verify(
+            args.name, args.weights, dict(args.kw), med_config=args.med_config,
+            reference_clip=args.reference_clip, fetch=args.fetch_reference,
+        )  # fmt: skip
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as err:  # bad files / keywords
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(result.table())
     if result.reference is not None and not result.max_rel <= args.tol:
         print(f"FAIL: relative difference {result.max_rel:.3e} > --tol {args.tol:g}")

@@ -1,5 +1,5 @@
-"""The contract every steer pipeline keeps, checked on both (tiny, random, CPU): a save/load round
-trip, batch consistency, the output types, and the trajectory's shapes."""
+"""The contract every steer pipeline keeps, checked on every family (tiny, random, CPU): a
+save/load round trip, batch consistency, the output types, and the trajectory's shapes."""
 
 from __future__ import annotations
 
@@ -11,11 +11,21 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
-from steer.pipelines import SteerDDPMPipeline, SteerStableDiffusionPipeline
-from steer.testing import tiny_ddpm_pipeline, tiny_sd_pipeline
+from steer.pipelines import (
+    SteerDDPMPipeline,
+    SteerStableDiffusion3Pipeline,
+    SteerStableDiffusionPipeline,
+    SteerStableDiffusionXLPipeline,
+)
+from steer.testing import (
+    tiny_ddpm_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
 from steer.trajectory import Trajectory
 
 PROMPTS = ["a photo of a cat", "a red dog", "the blue cat"]
@@ -56,6 +66,26 @@ CASES = {
         batch=lambda n: {"prompt": PROMPTS[:n]},
         single={"prompt": PROMPTS[0]},  # a str, not a list
         extra={"guidance_scale": 5.0},
+    ),
+    "sdxl": Case(
+        cls=SteerStableDiffusionXLPipeline,
+        build=lambda: tiny_sdxl_pipeline(seed=0),
+        scheduler=DDIMScheduler,
+        latent_shape=(4, 8, 8),
+        image_shape=(3, 16, 16),
+        batch=lambda n: {"prompt": PROMPTS[:n]},
+        single={"prompt": PROMPTS[0]},
+        extra={"guidance_scale": 5.0},
+    ),
+    "sd3": Case(
+        cls=SteerStableDiffusion3Pipeline,
+        build=lambda: tiny_sd3_pipeline(seed=0),
+        scheduler=FlowMatchEulerDiscreteScheduler,
+        latent_shape=(16, 8, 8),
+        image_shape=(3, 16, 16),
+        batch=lambda n: {"prompt": PROMPTS[:n]},
+        single={"prompt": PROMPTS[0]},
+        extra={"guidance_scale": 4.5},
     ),
 }
 

@@ -530,3 +530,21 @@ def test_verify_command_on_reference_files(
     assert "sunset" in out and "max |diff|" in out, out
     rel = float(out.split("relative ")[1].split()[0])
     assert rel < RTOL, out
+
+
+def test_verify_command_errors_and_missing_reference(
+    hps_files: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _verify_args("hpsv2", hps_files)
+    with pytest.raises(SystemExit) as err:
+        rewards_cli(["verify", "hpsv2", *args, "--kw", "version=v2"])
+    assert err.value.code == 2
+    assert "named like the HPS v2.1 checkpoint" in capsys.readouterr().err
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise reference.ReferenceUnavailable("hpsv2==1.2.0 is not installed")
+
+    monkeypatch.setattr(V, "reference_scorer", unavailable)
+    assert rewards_cli(["verify", "hpsv2", *args]) == 0  # steer's scores alone
+    out = capsys.readouterr().out
+    assert "no reference: hpsv2==1.2.0 is not installed" in out and "sunset" in out

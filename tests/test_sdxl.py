@@ -4,6 +4,7 @@ CPU)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from torch.distributions import Normal
 
@@ -180,8 +180,9 @@ def test_the_sdxl_family_is_decided_by_the_unet_config(pipe) -> None:
     policy = make_policy(pipe.unet, pipe.scheduler, num_inference_steps=K, guidance_scale=W)
     assert type(policy) is SDXLPolicy and policy.sample_shape == (4, 8, 8)
     assert type(make_policy(sd.unet, sd.scheduler, num_inference_steps=K)) is DiffusionPolicy
-    prior = policy.frozen_prior()
-    assert type(prior) is SDXLPolicy and prior.sample_shape == (4, 8, 8)
+    frozen = copy.deepcopy(pipe.unet).requires_grad_(False)
+    prior = SDXLPolicy(frozen, pipe.scheduler, W, K, sample_size=(6, 4)).frozen_prior()
+    assert type(prior) is SDXLPolicy and prior.sample_shape == (4, 6, 4)  # options carried over
 
 
 def test_lora_round_trip_through_diffusers_and_gradients_reach_lora_only(tmp_path: Path) -> None:
@@ -223,7 +224,7 @@ def test_save_and_load(pipe, tmp_path: Path) -> None:
     """Our folder, and a plain diffusers SDXL folder with its Euler scheduler (which becomes DDIM
     with the same config), load as the steer pipeline."""
     pipe.save_pretrained(tmp_path / "ours")
-    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
     _plain({**pipe.components, "scheduler": euler}).save_pretrained(tmp_path / "diffusers")
     kw = dict(num_inference_steps=K, guidance_scale=W, eta=0.5, output_type="pt", progress=False)
     a = pipe(PROMPTS, generator=_gen(9), **kw).images
@@ -231,6 +232,8 @@ def test_save_and_load(pipe, tmp_path: Path) -> None:
         again = load_pipeline(tmp_path / folder)
         assert type(again) is SteerStableDiffusionXLPipeline
         assert type(again.scheduler) is DDIMScheduler and again.config.force_zeros_for_empty_prompt
+        for key in ("steps_offset", "set_alpha_to_one", "clip_sample", "timestep_spacing"):
+            assert again.scheduler.config[key] == pipe.scheduler.config[key]
         b = again(PROMPTS, generator=_gen(9), **kw).images
         assert (a - b).abs().max().item() <= 1e-6
     c = pipe(PROMPTS, generator=_gen(10), **kw).images
@@ -251,7 +254,8 @@ def test_bad_input_raises_naming_the_value_and_the_fix(pipe, tmp_path: Path) -> 
         SDXLPolicy(sd.unet, sd.scheduler)
     with pytest.raises(TypeError, match="driven by SDXLPolicy, not DiffusionPolicy"):
         DiffusionPolicy(pipe.unet, pipe.scheduler)
-    image_unet = UNet2DConditionModel(**{**pipe.unet.config, "addition_embed_type": "image"})
+    image_unet = copy.deepcopy(sd.unet)  # a config that needs image_embeds: no family has it
+    image_unet.register_to_config(addition_embed_type="image")
     match = "no model family drives this UNet2DConditionModel.*'unet-text' needs .*'sdxl' needs"
     with pytest.raises(TypeError, match=match + ".*text_time"):
         family_of(image_unet)
