@@ -97,6 +97,13 @@ def test_rejection_ft_loss_decreases(digits_cache: Path, tmp_path: Path) -> None
         for a, b in zip(res.policy.unet.parameters(), p.prior.unet.parameters(), strict=True)
     )
     assert changed and res.policy.deterministic_map is p.prior
-    # a budget that holds a few draw batches even on a loaded machine (0.5 s did not)
-    timed = rejection_ft(p.prior, log_reward, RejectionFTConfig(seconds=4.0, batch_size=8))
-    assert timed.seconds >= 4.0 and timed.num_drawn >= 32 and timed.num_accepted > 0
+
+    # a budget that holds a few draw batches even on a loaded machine (0.5 s did not); the time
+    # budget, not the acceptance, is under test: a reward of 1 accepts every draw (how many
+    # draws fit in 4 s depends on the machine, and ~10% acceptance left none of 35 once)
+    def accept_all(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], device=x.device)
+
+    timed = rejection_ft(p.prior, accept_all, RejectionFTConfig(seconds=4.0, batch_size=8))
+    assert timed.seconds >= 4.0 and timed.num_drawn >= 32
+    assert timed.num_accepted == timed.num_drawn

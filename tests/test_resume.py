@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -222,10 +223,23 @@ def test_a_reward_models_nan_follows_on_nonfinite(tmp_path: Path, policy: str) -
 # 2. crash safety ------------------------------------------------------------------------------
 
 
+@contextmanager
+def _one_thread():
+    """torch on one thread, as the forked children run: bitwise equality needs the same
+    reduction order (two threads sum differently in the last bits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def straight4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 4-step run the interrupted ones must reproduce."""
-    return main(_cfg(tmp_path_factory.mktemp("straight"), "log.run_name=straight", *CRASH))
+    with _one_thread():
+        return main(_cfg(tmp_path_factory.mktemp("straight"), "log.run_name=straight", *CRASH))
 
 
 _CHILDREN: list[multiprocessing.Process] = []
@@ -276,7 +290,8 @@ def _resume_and_compare(tmp_path: Path, straight4: Path, capsys) -> str:
     """Resume ``tmp_path/r`` from ``latest`` to step 4; its last checkpoint == the straight
     run's; returns what the resume printed."""
     capsys.readouterr()
-    out = main(_cfg(tmp_path, "log.run_name=r", "log.resume_from_checkpoint=latest", *CRASH))
+    with _one_thread():
+        out = main(_cfg(tmp_path, "log.run_name=r", "log.resume_from_checkpoint=latest", *CRASH))
     printed = capsys.readouterr().out
     assert_same_state(straight4 / "checkpoint-4", out / "checkpoint-4")
     assert not list(out.glob("*.partial")), "the next save removes interrupted ones"
