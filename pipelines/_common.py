@@ -128,3 +128,13 @@ def single_generator(generator: Any) -> torch.Generator | None:
     raise TypeError(
         f"generator must be one torch.Generator or None, got {type(generator).__name__}"
     )
+
+
+def decode_pred_x0(decode_latents: Any, trajectory: Trajectory, steps: list[int] | None) -> Tensor:
+    """``x̂_θ`` of the chosen steps (all by default) decoded with ``decode_latents``:
+    ``[B, S, 3, H, W]`` in ``[0, 1]``, ready for a reward (every latent pipeline's method)."""
+    if trajectory.pred_x0 is None:
+        raise ValueError("trajectory has no pred_x0; sample with keep_pred_x0=True")
+    steps = list(range(trajectory.num_steps)) if steps is None else steps
+    decoded = [decode_latents(trajectory.pred_x0[:, k]) for k in steps]
+    return to_unit(torch.stack(decoded, dim=1))

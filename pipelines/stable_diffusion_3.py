@@ -26,12 +26,12 @@ from steer.diffusion import (
     pack_cond,
     rollout,
 )
-from steer.images import to_unit
 from steer.pipelines._common import (
     SteerPipelineOutput,
     check_latents,
     check_model_folder,
     check_output_type,
+    decode_pred_x0,
     prompt_list,
     single_generator,
     to_output,
@@ -213,11 +213,7 @@ class SteerStableDiffusion3Pipeline(DiffusionPipeline, SD3LoraLoaderMixin):
     def decode_pred_x0(self, trajectory: Any, steps: list[int] | None = None) -> Tensor:
         """Decoded ``x̂_θ`` of the chosen steps (all by default): ``[B, S, 3, H, W]`` in
         ``[0, 1]``, ready for a reward."""
-        if trajectory.pred_x0 is None:
-            raise ValueError("trajectory has no pred_x0; sample with keep_pred_x0=True")
-        steps = list(range(trajectory.num_steps)) if steps is None else steps
-        decoded = [self.decode_latents(trajectory.pred_x0[:, k]) for k in steps]
-        return to_unit(torch.stack(decoded, dim=1))
+        return decode_pred_x0(self.decode_latents, trajectory, steps)
 
     # ------------------------------------------------------------------------------------------
     # LoRA

@@ -100,3 +100,10 @@ def test_grpo_trains_on_both_families(tmp_path: Path, model: str) -> None:
 
     _, metrics = ppo_round(run)
     assert "clip_fraction" in metrics and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_without_kl_grpo_asks_for_no_prior_means() -> None:
+    """The prior's per-step means feed only the KL: with kl_weight=0 the re-scoring makes no
+    prior UNet pass (the loop reads the instance's needs)."""
+    assert make_objective(ObjectiveConfig(name="grpo", kl_weight=0.01)).needs.step_means
+    assert not make_objective(ObjectiveConfig(name="grpo", kl_weight=0.0)).needs.step_means

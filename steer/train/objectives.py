@@ -18,7 +18,7 @@ To add an objective: subclass :class:`GFlowNetObjective` (write ``loss_of_log_pf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol
 
 import torch
@@ -358,6 +358,8 @@ class GRPO(PolicyGradientObjective):
     def __init__(self, cfg, log_z=None, flow=None) -> None:
         super().__init__(cfg, log_z=log_z, flow=flow)
         self.group_size = _check_group_size(cfg.group_size)
+        # the prior's step means only feed the KL: without it, no extra prior UNet pass per step
+        self.needs = replace(type(self).needs, step_means=cfg.kl_weight > 0)
 
     @classmethod
     def check_config(cls, cfg) -> None:
