@@ -14,7 +14,7 @@ Register your own reward::
 from __future__ import annotations
 
 from .base import NonFiniteRewardError, Reward, check_images, check_prompts
-from .registry import RewardSpec, get, names, register, spec, specs, test_kwargs
+from .registry import RewardSpec, get, names, random_kwargs, register, spec, specs, test_kwargs
 
 __all__ = [
     "NonFiniteRewardError",
@@ -24,6 +24,7 @@ __all__ = [
     "check_prompts",
     "get",
     "names",
+    "random_kwargs",
     "register",
     "spec",
     "specs",
@@ -53,6 +54,7 @@ register(
     source="open_clip ViT-L-14/openai + hf-hub:trl-lib/ddpo-aesthetic-predictor",
     summary="LAION improved aesthetic predictor (MLP on CLIP L/14 embeddings)",
     test_kwargs={"clip_model": "tiny-test", "pretrained": None, "weights": None},
+    random_kwargs={"pretrained": None, "weights": None},
 )
 register(
     "clip-score",
@@ -63,6 +65,7 @@ register(
     summary="CLIP image-text cosine, or max(100 cos, 0) as torchmetrics",
     needs_prompts=True,
     test_kwargs={"clip_model": "tiny-test", "pretrained": None},
+    random_kwargs={"pretrained": None},
 )
 register(
     "pickscore",
@@ -83,6 +86,7 @@ register(
     summary="Human Preference Score v2 / v2.1: cosine of HPS-tuned CLIP-H",
     needs_prompts=True,
     test_kwargs={"clip_model": "tiny-test", "weights": None},
+    random_kwargs={"weights": None},
 )
 register(
     "imagereward",
@@ -93,6 +97,7 @@ register(
     summary="ImageReward (BLIP ViT-L + BERT cross-attention + MLP), normalised",
     needs_prompts=True,
     test_kwargs={"blip": "tiny-test", "weights": None},
+    random_kwargs={"weights": None, "tokenizer": "tiny-test"},
 )
 register(
     "classifier",

@@ -229,7 +229,8 @@ def imagereward(
         blip: "large" (the ImageReward architecture), "tiny-test" (random, offline), or
             overrides of "large" ``{"vision": {...}, "text": {...}}`` (see :func:`blip_configs`).
         tokenizer: BERT tokenizer id or folder; "default" is bert-base-uncased (or the offline
-            tokenizer of :mod:`steer.rewards.tiny` for "tiny-test").
+            tokenizer of :mod:`steer.rewards.tiny` for "tiny-test"); "tiny-test" with
+            ``weights=None`` builds the real architecture offline with random weights.
     """
     if not isinstance(blip, Mapping) and blip not in ("large", TINY):
         raise ValueError(f"blip must be 'large', 'tiny-test' or a dict of overrides, got {blip!r}")
@@ -240,6 +241,13 @@ def imagereward(
             raise ValueError("blip='tiny-test' takes weights=None or a path, and no tokenizer")
         tok = bert_tokenizer()
         vision, text = blip_configs(TINY, vocab_size=len(tok))
+    elif tokenizer == TINY:  # the real architecture, random weights, an offline vocabulary
+        from .tiny import bert_tokenizer
+
+        if weights is not None:
+            raise ValueError("tokenizer='tiny-test' takes weights=None (random)")
+        tok = bert_tokenizer()
+        vision, text = blip_configs(blip)
     else:
         ident = IMAGEREWARD_TOKENIZER if tokenizer == DEFAULT else tokenizer
         tok = _bert_tokenizer(ident, cache_dir)

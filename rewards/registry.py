@@ -14,7 +14,16 @@ from typing import Any, TypeVar
 
 from .base import Reward
 
-__all__ = ["RewardSpec", "register", "get", "names", "spec", "specs", "test_kwargs"]
+__all__ = [
+    "RewardSpec",
+    "register",
+    "get",
+    "names",
+    "random_kwargs",
+    "spec",
+    "specs",
+    "test_kwargs",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 Target = str | Callable[..., Any]
@@ -32,6 +41,9 @@ class RewardSpec:
     summary: str = ""
     needs_prompts: bool = False
     test_kwargs: Target | Mapping[str, Any] = field(default_factory=dict)
+    # keywords that build the published architecture with random weights, offline (a real-size
+    # run before any download); None: nothing to randomise, the reward is built as given
+    random_kwargs: Mapping[str, Any] | None = None
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
@@ -64,6 +76,7 @@ def register(
     summary: str = "",
     needs_prompts: bool = False,
     test_kwargs: Target | Mapping[str, Any] | None = None,
+    random_kwargs: Mapping[str, Any] | None = None,
     replace: bool = False,
 ) -> Any:
     """Register a reward factory (a callable returning a :class:`~steer.rewards.base.Reward`, a
@@ -93,6 +106,7 @@ def register(
             summary=summary,
             needs_prompts=needs_prompts,
             test_kwargs={} if test_kwargs is None else test_kwargs,
+            random_kwargs=random_kwargs,
         )
         return fn
 
@@ -121,6 +135,12 @@ def test_kwargs(name: str) -> dict[str, Any]:
     kw = spec(name).test_kwargs
     kw = _resolve(kw) if isinstance(kw, str) else kw
     return dict(kw() if callable(kw) else kw)
+
+
+def random_kwargs(name: str) -> dict[str, Any]:
+    """Keyword arguments that build ``name`` at its published architecture with random weights,
+    offline (empty for a reward without downloaded weights)."""
+    return dict(spec(name).random_kwargs or {})
 
 
 def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:

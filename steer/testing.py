@@ -66,15 +66,18 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def tiny_clip_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
-    """A CLIP tokenizer written to ``directory`` (a temp dir by default) and loaded from it."""
+def tiny_clip_tokenizer(
+    directory: str | Path | None = None, max_length: int = _MAX_LEN
+) -> CLIPTokenizer:
+    """A CLIP tokenizer written to ``directory`` (a temp dir by default) and loaded from it;
+    prompts are padded to ``max_length`` tokens (the text model's positions)."""
     root = Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix="tinyclip"))
     root.mkdir(parents=True, exist_ok=True)
     vocab, merges = _vocab_and_merges()
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {
-        "model_max_length": _MAX_LEN,
+        "model_max_length": max_length,
         "bos_token": _BOS,
         "eos_token": _EOS,
         "unk_token": _EOS,

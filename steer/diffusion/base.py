@@ -192,11 +192,22 @@ class GaussianStepPolicy(nn.Module):
     def eta(self) -> float:
         return self.schedule.eta
 
+    def _set_sample_size(self, sample_size: int | tuple[int, int] | None) -> None:
+        """The latent ``(h, w)`` to sample (one int: square); ``None``: the denoiser's own."""
+        if isinstance(sample_size, int) and not isinstance(sample_size, bool):
+            sample_size = (sample_size, sample_size)
+        if sample_size is not None and (
+            len(sample_size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_size)
+        ):
+            raise ValueError(f"sample_size must be an int or (h, w) of ints > 0, got {sample_size}")
+        self._sample_size = None if sample_size is None else tuple(sample_size)
+
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one latent, from the denoiser's config."""
+        """``(C, H, W)`` of one latent: the ``sample_size`` given, else the denoiser's config."""
         cfg = _unwrap(self.denoiser).config
-        size = cfg.sample_size
+        size = getattr(self, "_sample_size", None) or cfg.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (int(cfg.in_channels), int(h), int(w))
 

@@ -256,6 +256,8 @@ class FlowMatchPolicy(GaussianStepPolicy):
         sigma_min: the last noise level: 0 (the last step of (2.8) is then deterministic) or a
             small ``σ_min > 0`` (every step stochastic for ``η > 0``; the final state keeps noise
             ``σ_min``).
+        sample_size: the latent ``(h, w)`` (or one int) when sampling another size than the
+            transformer's ``config.sample_size`` (SD3 samples 1024² images as 128² latents).
     """
 
     cond_format = (
@@ -274,10 +276,12 @@ class FlowMatchPolicy(GaussianStepPolicy):
         use_adapters: bool = True,
         sde: str = "ddim",
         sigma_min: float = 0.0,
+        sample_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.transformer = transformer
         self.scheduler = scheduler
+        self._set_sample_size(sample_size)
         self._init_policy(guidance_scale, negative_embeds, use_adapters)
         self.sde, self.sigma_min = sde, sigma_min
         self.schedule = self._make_schedule(num_inference_steps, eta)
@@ -304,6 +308,7 @@ class FlowMatchPolicy(GaussianStepPolicy):
             negative_embeds=self.negative_embeds,
             sde=self.sde,
             sigma_min=self.sigma_min,
+            sample_size=self._sample_size,
         )
 
     @property

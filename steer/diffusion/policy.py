@@ -28,6 +28,8 @@ class DiffusionPolicy(GaussianStepPolicy):
         negative_embeds: ``[1 or B, L, D]`` unconditional embeddings for guidance when ``cond`` is
             ``[B, L, D]``; a ``cond`` of shape ``[B, 2, L, D]`` carries (negative, positive) itself.
         use_adapters: ``False`` runs the UNet with its peft adapters disabled (the frozen prior).
+        sample_size: the latent ``(h, w)`` (or one int) when sampling another size than the
+            UNet's ``config.sample_size`` (SD 1.5 samples 512² images as 64² latents).
     """
 
     def __init__(
@@ -39,10 +41,12 @@ class DiffusionPolicy(GaussianStepPolicy):
         eta: float = 1.0,
         negative_embeds: Tensor | None = None,
         use_adapters: bool = True,
+        sample_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.unet = unet
         self.scheduler = scheduler
+        self._set_sample_size(sample_size)
         self._init_policy(guidance_scale, negative_embeds, use_adapters)
         self.schedule = make_schedule(scheduler, num_inference_steps, eta)
 
@@ -59,6 +63,7 @@ class DiffusionPolicy(GaussianStepPolicy):
             num_inference_steps=self.num_inference_steps,
             eta=self.eta,
             negative_embeds=self.negative_embeds,
+            sample_size=self._sample_size,
         )
 
     def _consts(self, idx: Tensor, ndim: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -90,15 +90,9 @@ class SDXLPolicy(DiffusionPolicy):
         use_adapters: bool = True,
         sample_size: int | tuple[int, int] | None = None,
     ) -> None:
-        if isinstance(sample_size, int):
-            sample_size = (sample_size, sample_size)
-        if sample_size is not None and (
-            len(sample_size) != 2 or not all(isinstance(s, int) and s > 0 for s in sample_size)
-        ):
-            raise ValueError(f"sample_size must be an int or (h, w) of ints > 0, got {sample_size}")
-        self._sample_size = None if sample_size is None else tuple(sample_size)
         super().__init__(
-            unet, scheduler, guidance_scale, num_inference_steps, eta, negative_embeds, use_adapters
+            unet, scheduler, guidance_scale, num_inference_steps, eta, negative_embeds, use_adapters,
+            sample_size,
         )
 
     def _init_policy(
@@ -120,15 +114,6 @@ class SDXLPolicy(DiffusionPolicy):
                 "is not supported: it needs timestep_cond, which SDXLPolicy does not compute"
             )
         super()._init_policy(guidance_scale, negative_embeds, use_adapters)
-
-    def _options(self) -> dict[str, object]:
-        return {**super()._options(), "sample_size": self._sample_size}
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        if self._sample_size is None:
-            return super().sample_shape
-        return (int(_config(self.unet).in_channels), *self._sample_size)
 
     @property
     def cond_widths(self) -> tuple[int, int]:

@@ -65,6 +65,14 @@ class ModelConfig:
     # the last N steps sample from the frozen prior: fine-tuning acts on the first K - N steps
     # (at low noise the posterior's kernel is the prior's; their RTB terms cancel exactly)
     prior_tail_steps: int = 0
+    # build model.pretrained's published architecture with random weights, offline
+    # (steer.pipelines.architectures): a preset's first step at real size before any download
+    random_weights: bool = False
+    sample_size: int | None = None  # latent side to sample; None: the model's (SD 1.5: 64)
+    # refuse, before loading, a run whose estimated memory exceeds the device's free memory
+    # (or memory_limit_gb): the estimate and the options that reduce it (steer.train.memory)
+    check_memory: bool = True
+    memory_limit_gb: float | None = None
 
     def __post_init__(self) -> None:
         _text("model.pretrained", self.pretrained, optional=False)
@@ -78,6 +86,14 @@ class ModelConfig:
                 f"got {self.prior_tail_steps}"
             )
         _positive("model.guidance_scale", self.guidance_scale, strict=False)
+        if self.sample_size is not None:
+            _at_least("model.sample_size", self.sample_size, 1)
+        if self.memory_limit_gb is not None:
+            _positive("model.memory_limit_gb", self.memory_limit_gb)
+        if self.random_weights:
+            from steer.pipelines.architectures import architecture
+
+            architecture(self.pretrained)  # a published architecture, else the known ones
 
         if self.scheduler is not None:
             from steer.diffusion import FAMILIES
@@ -184,6 +200,9 @@ class RewardConfig:
 
     name: str = "digits-classifier"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # the reward's published architecture with random weights, offline (its registry entry's
+    # random_kwargs under kwargs); None follows model.random_weights
+    random_weights: bool | None = None
 
     def __post_init__(self) -> None:
         # the name is looked up (and the keywords checked) when the run builds the reward:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from steer.config import input_phase
 from steer.train.checkpoint import TrainState, resolve_resume
 from steer.train.config import FinetuneConfig
+from steer.train.memory import check_fits
 from steer.train.models import build_components, build_objective_modules
 from steer.train.objectives import make_objective
 from steer.train.outputs import evaluate, save_final, start_run
@@ -81,7 +82,12 @@ def setup(cfg: FinetuneConfig) -> Run:
         project_dir=cfg.log.output_dir,  # the run folder is set once known (start_run)
     )
     set_seed(cfg.train.seed, device_specific=True)  # ranks draw different prompts and noise
+    # refuse a run that would not fit before writing or loading anything (a CPU's processes
+    # share its memory)
+    need = check_fits(cfg, acc.device, acc.num_processes if acc.device.type == "cpu" else 1)
     out = start_run(cfg, acc)
+    if need is not None:
+        acc.print(f"estimated memory per process: {need.describe()}")
     parts = build_components(cfg, acc.device)
     log_z, flow = build_objective_modules(cfg, parts, acc.device)
     objective = make_objective(cfg.objective, log_z=log_z, flow=flow)

@@ -73,15 +73,28 @@ BUILTIN_MODELS: dict[str, Callable[[ModelConfig], Any]] = {
 }
 
 
-def load_pipeline(cfg: FinetuneConfig) -> Any:
+def load_pipeline(cfg: FinetuneConfig, device: torch.device | None = None) -> Any:
     """A built-in model (``BUILTIN_MODELS``), or a hub id or folder loaded with the steer
-    pipeline its ``model_index.json`` names."""
+    pipeline its ``model_index.json`` names; with ``model.random_weights`` its published
+    architecture, built with random weights on ``device``."""
     from steer.pipelines import load_pipeline as load
 
-    name = cfg.model.pretrained
+    name, kwargs = cfg.model.pretrained, dict(cfg.model.load_kwargs)
+    if cfg.model.random_weights:
+        from steer.pipelines.architectures import random_pipeline
+
+        # a component set to None in load_kwargs is left out, as from_pretrained leaves it
+        skip = [k for k, v in kwargs.items() if v is None]
+        other = sorted(k for k, v in kwargs.items() if v is not None)
+        if other:
+            raise ValueError(
+                f"model.random_weights=true builds {name} offline: model.load_kwargs may only "
+                f"leave components out (name: null), got {other}"
+            )
+        return random_pipeline(name, seed=0, skip=skip, device=device)
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name](cfg.model)
-    return load(name, revision=cfg.model.revision, **dict(cfg.model.load_kwargs))
+    return load(name, revision=cfg.model.revision, **kwargs)
 
 
 def fine_tuning_scheduler(cfg: FinetuneConfig, family: ModelFamily, model_scheduler: Any) -> Any:
@@ -126,11 +139,22 @@ def _negative_embeds(pipe: Any, device: torch.device) -> Tensor:
         return pipe.negative_cond(1).float().to(device)
 
 
+def reward_kwargs(cfg: FinetuneConfig) -> dict[str, Any]:
+    """``reward.kwargs``, over the reward's random-weights keywords when ``reward.random_weights``
+    (or, unset, ``model.random_weights``) asks for its architecture with random weights."""
+    import steer.rewards
+
+    random = cfg.reward.random_weights
+    random = cfg.model.random_weights if random is None else random
+    base = steer.rewards.random_kwargs(cfg.reward.name) if random else {}
+    return {**base, **dict(cfg.reward.kwargs)}
+
+
 def build_components(cfg: FinetuneConfig, device: torch.device) -> Components:
     """Load the model, add LoRA (or prepare full fine-tuning), the frozen prior, the reward."""
     import steer.rewards
 
-    pipe = load_pipeline(cfg)
+    pipe = load_pipeline(cfg, device)
     pipe.to(device)
     unet = denoiser_of(pipe)
     family = family_of(unet)
@@ -161,6 +185,7 @@ def build_components(cfg: FinetuneConfig, device: torch.device) -> Components:
         eta=cfg.model.eta,
         num_inference_steps=cfg.model.num_inference_steps,
         negative_embeds=negative,
+        sample_size=cfg.model.sample_size,
     )
     if cfg.lora.enabled:
         add_lora(
@@ -184,7 +209,7 @@ def build_components(cfg: FinetuneConfig, device: torch.device) -> Components:
     if vae is not None:
         vae.requires_grad_(False)
     decode = _pixels if vae is None else _latent_decoder(pipe)
-    reward = steer.rewards.get(cfg.reward.name, **dict(cfg.reward.kwargs))
+    reward = steer.rewards.get(cfg.reward.name, **reward_kwargs(cfg))
     if hasattr(reward, "to"):
         reward = reward.to(device)
     return Components(policy, prior, reward, decode, cond, pipe, cfg.lora.enabled)
