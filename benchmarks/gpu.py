@@ -51,9 +51,13 @@ def main(argv: list[str] | None = None) -> list[list]:
         else:
             left = args.budget_s - (time.perf_counter() - start)
             results.append(run_case(case, timeout=max(60.0, left + 120.0)))
-        print(f"{case.family} {case.objective} ckpt={case.checkpointing}: {results[-1]}", flush=True)
+        print(
+            f"{case.family} {case.objective} ckpt={case.checkpointing}: {results[-1]}", flush=True
+        )
     text, rows = table(cases, results)
-    size = "8×8 (reduced: tiny stand-ins)" if args.reduced else "64×64 (SD 1.5), 128×128 (SDXL, SD3)"
+    size = (
+        "8×8 (reduced: tiny stand-ins)" if args.reduced else "64×64 (SD 1.5), 128×128 (SDXL, SD3)"
+    )
     body = (
         "## gpu\n\n`python -m benchmarks.gpu`: one LoRA optimiser step (rank 8) per family at its "
         f"published architecture with random weights, {precision} autocast, batch {args.batch}, "

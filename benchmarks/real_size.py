@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 FAMILIES = {  # family -> (model.pretrained, its real latent side)
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", 64),
@@ -170,7 +169,10 @@ HEADER = [
 
 def table(cases: list[Case], results: list[dict]) -> tuple[str, list[list]]:
     """One row per (family, objective): with and without checkpointing side by side."""
-    by = {(c.family, c.objective, c.checkpointing): (c, r) for c, r in zip(cases, results, strict=True)}
+    by = {
+        (c.family, c.objective, c.checkpointing): (c, r)
+        for c, r in zip(cases, results, strict=True)
+    }
     rows = []
     for family, objective in dict.fromkeys((c.family, c.objective) for c in cases):
         (c, off), (_, on) = by[(family, objective, False)], by[(family, objective, True)]

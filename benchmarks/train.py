@@ -5,8 +5,9 @@ On the tiny random pipeline (CPU): per objective, one optimiser step split into 
 (rollout), reward (decode + reward model, incl. x̂ of every state for db), prior (rtb's frozen
 log-probs) and training (re-scoring + backward); UNet forward passes per trained transition of
 ``db`` against the reference design that recomputes x̂ at both ends of each transition with the
-current model (1 re-score + 2 extra passes, 2 decodes, 2 reward calls per trained transition);
-and peak memory of one re-scored step with and without gradient checkpointing (GPU only).
+current model (1 re-score + 2 extra passes, 2 decodes, 2 reward calls per trained transition)
+(peak memory at real size, with and without gradient checkpointing: ``benchmarks.real_size``
+and ``benchmarks.gpu``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 from benchmarks._report import hardware, markdown_table, write_section
 from steer.train.config import load_config
@@ -146,40 +145,12 @@ def main() -> None:
         "calls per trained transition.\n\ntb and ddpo above run at equal trajectories (same B, K "
         "and trained steps).\n"
     )
-    if torch.cuda.is_available():
-        text += "\n" + gpu_memory_section()
-    else:
-        text += (
-            "\nPeak memory with / without gradient checkpointing: GPU only, not measured here.\n"
-        )
+    text += (
+        "\nPeak memory with / without gradient checkpointing at real size: the real-size "
+        "(CPU) and gpu sections (`benchmarks.real_size`, `benchmarks.gpu`).\n"
+    )
     print(text)
     write_section("train", text)
-
-
-def gpu_memory_section() -> str:
-    """Peak GPU memory of one re-scored step of an SD-1.5-sized UNet (bf16), with and without
-    gradient checkpointing."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    from steer.diffusion import DiffusionPolicy, add_lora
-
-    rows = []
-    for ckpt in (False, True):
-        unet = UNet2DConditionModel(cross_attention_dim=768).to("cuda", torch.bfloat16)
-        add_lora(unet, rank=8)
-        if ckpt:
-            unet.enable_gradient_checkpointing()
-        policy = DiffusionPolicy(unet, DDIMScheduler(), num_inference_steps=50)
-        x = torch.randn(4, 4, 64, 64, device="cuda")
-        cond = torch.randn(4, 77, 768, device="cuda")
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        policy.log_prob(x, x + 0.01, 10, cond).sum().backward()
-        torch.cuda.synchronize()
-        rows.append([ckpt, torch.cuda.max_memory_allocated() / 2**30, time.perf_counter() - start])
-        del unet, policy
-        torch.cuda.empty_cache()
-    return markdown_table(["gradient checkpointing", "peak memory (GiB)", "time (s)"], rows)
 
 
 if __name__ == "__main__":

@@ -160,8 +160,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             },
             tokenizers={"tokenizer": 77},
             scheduler=(_D + "DDIMScheduler", _SD_BETAS),
-            aliases=("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5",
-                     "CompVis/stable-diffusion-v1-4"),
+            aliases=("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                     "runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion-v1-4"),
             # the parameter counts of the published UNet, VAE and CLIP text model
             published_parameters={"unet": 859_520_964, "vae": 83_653_863,
                                   "text_encoder": 123_060_480},
@@ -259,9 +259,7 @@ def _tokenizer_ids(target: str) -> dict[str, Any]:
     return {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1} if "CLIP" in target else {}
 
 
-def parameter_counts(
-    name: str | Architecture, skip: Iterable[str] = ()
-) -> dict[str, int]:
+def parameter_counts(name: str | Architecture, skip: Iterable[str] = ()) -> dict[str, int]:
     """Parameters per component, counted on the ``meta`` device (nothing allocated)."""
     arch = name if isinstance(name, Architecture) else architecture(name)
     counts = {}
@@ -310,7 +308,9 @@ def random_pipeline(
             module = _build(target, {**config, **_tokenizer_ids(target)})
             parts[comp] = (module if dtype == torch.float32 else module.to(dtype)).eval()
     for tok, length in arch.tokenizers.items():
-        parts[tok] = None if length is None or tok in skip else tiny_clip_tokenizer(max_length=length)
+        parts[tok] = (
+            None if length is None or tok in skip else tiny_clip_tokenizer(max_length=length)
+        )
     target, config = arch.scheduler
     parts["scheduler"] = _class(target)(**config)
     return _class(arch.pipeline)(**parts)

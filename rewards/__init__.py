@@ -38,6 +38,7 @@ register(
     differentiable=False,
     source="PIL JPEG encoder at quality 95 (no weights)",
     summary="minus the JPEG size in kB (DDPO)",
+    random_kwargs={},  # no weights
 )
 register(
     "jpeg-incompressibility",
@@ -45,6 +46,7 @@ register(
     differentiable=False,
     source="PIL JPEG encoder at quality 95 (no weights)",
     summary="the JPEG size in kB (DDPO)",
+    random_kwargs={},  # no weights
 )
 register(
     "aesthetic",
@@ -106,6 +108,7 @@ register(
     source="any torch classifier (module, state dict + architecture, or .pt2)",
     summary="log p(c | x) or p(c | x), max over a set of classes",
     test_kwargs=_P + "classifier:test_kwargs",
+    random_kwargs={},  # built locally: nothing to download
 )
 register(
     "digits-classifier",
@@ -114,4 +117,5 @@ register(
     input_size=16,
     source="small CNN trained locally on scikit-learn digits (cached in ~/.cache/steer)",
     summary="log p(c | x) of the embedded digits classifier (16x16 grayscale)",
+    random_kwargs={},  # built locally: nothing to download
 )

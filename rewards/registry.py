@@ -42,7 +42,7 @@ class RewardSpec:
     needs_prompts: bool = False
     test_kwargs: Target | Mapping[str, Any] = field(default_factory=dict)
     # keywords that build the published architecture with random weights, offline (a real-size
-    # run before any download); None: nothing to randomise, the reward is built as given
+    # run before any download); {} for a reward without downloaded weights; None: no such form
     random_kwargs: Mapping[str, Any] | None = None
 
 
@@ -139,8 +139,14 @@ def test_kwargs(name: str) -> dict[str, Any]:
 
 def random_kwargs(name: str) -> dict[str, Any]:
     """Keyword arguments that build ``name`` at its published architecture with random weights,
-    offline (empty for a reward without downloaded weights)."""
-    return dict(spec(name).random_kwargs or {})
+    offline (empty for a reward without downloaded weights); ``ValueError`` if it has none."""
+    kw = spec(name).random_kwargs
+    if kw is None:
+        raise ValueError(
+            f"reward {name!r} has no random-weights form (register it with random_kwargs=...); "
+            "set reward.random_weights=false to build it as configured"
+        )
+    return dict(kw)
 
 
 def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> None:

@@ -198,7 +198,9 @@ class GaussianStepPolicy(nn.Module):
             sample_size = (sample_size, sample_size)
         if sample_size is not None and (
             len(sample_size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_size)
+            or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_size
+            )
         ):
             raise ValueError(f"sample_size must be an int or (h, w) of ints > 0, got {sample_size}")
         self._sample_size = None if sample_size is None else tuple(sample_size)

@@ -91,7 +91,13 @@ class SDXLPolicy(DiffusionPolicy):
         sample_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__(
-            unet, scheduler, guidance_scale, num_inference_steps, eta, negative_embeds, use_adapters,
+            unet,
+            scheduler,
+            guidance_scale,
+            num_inference_steps,
+            eta,
+            negative_embeds,
+            use_adapters,
             sample_size,
         )
 

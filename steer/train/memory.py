@@ -72,7 +72,10 @@ class Estimate:
         return f"{self.total / GIB:.1f} GiB ({parts})"
 
 
-def _family(counts: dict[str, int], pretrained: str) -> str:
+NATIVE_SIDE = {"sd": 64, "sdxl": 128, "sd3": 128}  # latent sides of the published configs
+
+
+def _family(counts: dict[str, int]) -> str:
     if "transformer" in counts:
         return "sd3"
     return "sdxl" if "text_encoder_2" in counts else "sd"
@@ -97,7 +100,9 @@ def parameter_counts(cfg: FinetuneConfig) -> dict[str, int] | None:
     except ValueError:
         return None  # a built-in model or an unknown hub id: not estimated
     if m.random_weights:  # tokenizers that cannot be written offline: their encoder is left out
-        skip += [c.replace("tokenizer", "text_encoder") for c, n in arch.tokenizers.items() if n is None]
+        skip += [
+            c.replace("tokenizer", "text_encoder") for c, n in arch.tokenizers.items() if n is None
+        ]
     return parameter_counts(arch, skip)
 
 
@@ -105,7 +110,7 @@ def estimate(cfg: FinetuneConfig, counts: dict[str, int]) -> Estimate:
     """The memory of ``cfg`` on one process, given its components' parameter counts."""
     m = cfg.model
     denoiser = counts.get("transformer", counts.get("unet", 0))
-    family = _family(counts, m.pretrained)
+    family = _family(counts)
     if cfg.lora.enabled:
         trained = int(denoiser * LORA_FRACTION_RANK8 * cfg.lora.rank / 8) * ADAMW
         frozen_copy = 0
@@ -114,8 +119,8 @@ def estimate(cfg: FinetuneConfig, counts: dict[str, int]) -> Estimate:
     weights = sum(counts.values()) * FLOAT32 + frozen_copy
     reward = REWARD_PARAMETERS.get(cfg.reward.name, 0) * FLOAT32
     side = m.sample_size
-    if side is None:  # the model's own latent size: the published configs say
-        side = {"sd": 64, "sdxl": 128, "sd3": 128}[family]
+    if side is None:  # the model's own latent size
+        side = NATIVE_SIDE[family]
     per_pixel = ACTIVATIONS[family][1 if m.gradient_checkpointing else 0]
     if cfg.train.mixed_precision in ("bf16", "fp16"):
         per_pixel /= 2
@@ -150,14 +155,18 @@ def _options(cfg: FinetuneConfig, counts: dict[str, int], now: Estimate) -> list
         saving("model.gradient_checkpointing=true",
                replace(cfg, model=replace(m, gradient_checkpointing=True)))  # fmt: skip
     if t.mixed_precision == "no":
-        saving("train.mixed_precision=bf16 (GPU)", replace(cfg, train=replace(t, mixed_precision="bf16")))
+        saving(
+            "train.mixed_precision=bf16 (GPU)",
+            replace(cfg, train=replace(t, mixed_precision="bf16")),
+        )
     if t.batch_size > 1:
         smaller = max(1, t.batch_size // 2)
-        saving(f"train.batch_size={smaller} with train.grad_accum={t.grad_accum * t.batch_size // smaller}",
+        accum = t.grad_accum * t.batch_size // smaller
+        saving(f"train.batch_size={smaller} with train.grad_accum={accum}",
                replace(cfg, train=replace(t, batch_size=smaller)))  # fmt: skip
     side = m.sample_size
     if side is None or side > 16:
-        half = (side or {"sd": 64, "sdxl": 128, "sd3": 128}[_family(counts, m.pretrained)]) // 2
+        half = (side or NATIVE_SIDE[_family(counts)]) // 2
         saving(f"model.sample_size={half}", replace(cfg, model=replace(m, sample_size=half)))
     if counts.get("text_encoder_3"):
         out.append(
@@ -183,8 +192,10 @@ def check_fits(cfg: FinetuneConfig, device: torch.device, processes: int = 1) ->
     limit = cfg.model.memory_limit_gb
     have = int(limit * GIB) if limit is not None else available_bytes(device, processes)
     if need.total > have:
-        where = f"model.memory_limit_gb={limit}" if limit is not None else (
-            f"{device.type}, {processes} process(es)"
+        where = (
+            f"model.memory_limit_gb={limit}"
+            if limit is not None
+            else (f"{device.type}, {processes} process(es)")
         )
         options = _options(cfg, counts, need)
         raise InsufficientMemory(

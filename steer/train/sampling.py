@@ -56,6 +56,19 @@ def score(reward, images: Tensor, prompts: list[str] | None) -> Tensor:
         return reward(images.float(), prompts).float()
 
 
+def decode_and_score(
+    reward, decode: Decode, latents: Tensor, prompts: list[str] | None, chunk: int
+) -> Tensor:
+    """Raw rewards ``[N]`` of ``N`` latents, decoded and scored ``chunk`` at a time: the x̂ of
+    every visited state (``B × K`` latents) never sits decoded in memory at once (at 512² a
+    decoded image and its VAE activations take about 0.5 GB)."""
+    out = []
+    for start in range(0, latents.shape[0], chunk):
+        part = None if prompts is None else prompts[start : start + chunk]
+        out.append(score(reward, decode(latents[start : start + chunk]), part))
+    return torch.cat(out)
+
+
 def _float32(decode: Decode, device: torch.device) -> Decode:
     """``decode`` with autocast off: a rollout under autocast still decodes in float32."""
 
@@ -137,7 +150,7 @@ def sample_batch(
             k = traj.num_steps
             flat = traj.pred_x0.flatten(0, 1)  # [B*K, ...]
             rep = None if prompts is None else [p for p in prompts for _ in range(k)]
-            log_reward_pred = score(reward, decode(flat), rep).view(b, k)
+            log_reward_pred = decode_and_score(reward, decode, flat, rep, chunk=b).view(b, k)
             log_reward_pred = log_reward_pred / cfg.objective.beta
         # 3. the frozen prior's log-probs on the same trajectory (rtb): one no-grad pass per
         # step the policy took itself; the steps its frozen map (the prior) took score the same
