@@ -133,9 +133,45 @@ def measure(case: Case) -> dict[str, float]:
     }
 
 
-def run_case(case: Case, timeout: float | None = None) -> dict[str, float | str]:
-    """``measure(case)`` in a fresh process; a failure (e.g. out of memory) is reported as such."""
-    cmd = [sys.executable, "-m", "benchmarks.real_size", "--child", json.dumps(asdict(case))]
+def saved_bytes(case: Case) -> dict[str, float]:
+    """Bytes the autograd graph of one re-scored transition keeps for its backward (activations,
+    counted by a saved-tensors hook, each storage once, the weights excluded), per sample and
+    latent pixel: the figure ``steer.train.memory.ACTIVATIONS`` holds."""
+    import torch
+
+    from steer.train.config import load_config
+    from steer.train.loop import setup
+
+    with tempfile.TemporaryDirectory() as out:
+        run = setup(load_config(None, overrides(case, out)))
+        policy = run.parts.policy
+        weights = {p.untyped_storage().data_ptr() for p in policy.denoiser.parameters()}
+        c, h, w = policy.sample_shape
+        x = torch.randn(case.batch, c, h, w, device=policy.device)
+        cond = run.parts.cond.embeds
+        embeds = None if cond is None else cond[:1].expand(case.batch, *cond.shape[1:])
+        kept: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                kept[storage.data_ptr()] = max(kept.get(storage.data_ptr(), 0), storage.nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with run.accelerator.autocast():
+                step = policy.step(x, 0, embeds, noise=torch.zeros_like(x))
+        step.mean.float().sum().backward()
+    total = sum(kept.values())
+    return {"saved_gib": total / 2**30, "per_pixel": total / (case.batch * h * w)}
+
+
+def run_case(
+    case: Case, timeout: float | None = None, mode: str = "--child"
+) -> dict[str, float | str]:
+    """``measure(case)`` (or ``saved_bytes``) in a fresh process; a failure (e.g. out of
+    memory) is reported as such."""
+    cmd = [sys.executable, "-m", "benchmarks.real_size", mode, json.dumps(asdict(case))]
     env = dict(os.environ, TQDM_DISABLE="1")
     if case.device == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"  # the CPU even where a GPU is present
@@ -152,6 +188,16 @@ def run_case(case: Case, timeout: float | None = None) -> dict[str, float | str]
     return {"error": tail[0][:160]}
 
 
+def estimated_gib(case: Case) -> float | str:
+    """``steer.train.memory``'s estimate of the case, before anything loads."""
+    from steer.train.config import load_config
+    from steer.train.memory import estimate, parameter_counts
+
+    cfg = load_config(None, overrides(case, tempfile.gettempdir()))
+    counts = parameter_counts(cfg)
+    return "–" if counts is None else estimate(cfg, counts).total / 2**30
+
+
 HEADER = [
     "family",
     "denoiser parameters",
@@ -160,7 +206,9 @@ HEADER = [
     "batch",
     "objective",
     "peak memory, no ckpt (GiB)",
+    "estimated",
     "peak memory, ckpt (GiB)",
+    "estimated",
     "s/step, no ckpt",
     "s/step, ckpt",
     "step / bare fwd+bwd (no ckpt)",
@@ -185,7 +233,8 @@ def table(cases: list[Case], results: list[dict]) -> tuple[str, list[list]]:
         rows.append([
             family, f"{params / 1e6:.0f} M" if isinstance(params, int) else params,
             f"{c.sample_size}×{c.sample_size}", f"{c.steps} ({round(c.steps * 0.5)})", c.batch,
-            objective, get(off, "peak_gib"), get(on, "peak_gib"), get(off, "step_s"),
+            objective, get(off, "peak_gib"), estimated_gib(c), get(on, "peak_gib"),
+            estimated_gib(by[(family, objective, True)][0]), get(off, "step_s"),
             get(on, "step_s"), ratio,
         ])  # fmt: skip
     from benchmarks._report import markdown_table
@@ -213,11 +262,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sample-size", type=int, default=32, help="latent side (default 32)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--activations",
+        action="store_true",
+        help="measure the activations a re-scored transition keeps, per family",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-activations", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child:
-        result = measure(Case(**json.loads(args.child)))
+    if args.child or args.child_activations:
+        fn = measure if args.child else saved_bytes
+        result = fn(Case(**json.loads(args.child or args.child_activations)))
         print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.activations:
+        for family in args.families:
+            for ckpt in (False, True):
+                case = Case(family, "rtb", ckpt, args.sample_size)
+                print(family, ckpt, run_case(case, mode="--child-activations"), flush=True)
         return
     cases = cases_for(args.families, args.objectives, args.sample_size, steps=args.steps)
     results = []

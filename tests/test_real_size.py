@@ -274,7 +274,7 @@ def test_the_gpu_script_runs_at_reduced_size_on_cpu(tmp_path: Path) -> None:
     )
     assert [r[0] for r in rows] == ["sd15", "sdxl", "sd3-medium"]
     for row in rows:
-        peak_off, peak_on, step_off, step_on, ratio = row[6:]
+        peak_off, _, peak_on, _, step_off, step_on, ratio = row[6:]
         for v in (peak_off, peak_on, step_off, step_on, ratio):
             assert isinstance(v, float) and v > 0, row
     assert "## gpu" in table.read_text()
@@ -299,3 +299,52 @@ def test_every_family_samples_at_the_latent_size_it_is_given(builder: str) -> No
     for bad in (0, (8,), (8, -4), True):
         with pytest.raises(ValueError, match="sample_size must be an int or"):
             make_policy(denoiser, pipe.scheduler, sample_size=bad)
+
+
+def test_the_x_hat_rewards_are_decoded_a_batch_at_a_time() -> None:
+    """db's B x K decoded x̂ never sit in memory at once; the scores equal one big decode's."""
+    from steer.train.sampling import decode_and_score, score
+
+    seen: list[int] = []
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        seen.append(latents.shape[0])
+        return torch.sigmoid(latents[:, :3])
+
+    def reward(images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        return images.mean((1, 2, 3)) + (
+            0 if prompts is None else torch.tensor([len(p) for p in prompts])
+        )
+
+    latents = torch.randn(10, 4, 3, 3)
+    prompts = [f"p{'x' * i}" for i in range(10)]
+    chunked = decode_and_score(reward, decode, latents, prompts, chunk=4)
+    assert seen == [4, 4, 2]
+    assert torch.equal(chunked, score(reward, decode(latents), prompts))
+
+
+def test_sdxl_time_ids_follow_the_sample_size(tmp_path: Path) -> None:
+    from steer.diffusion.sdxl import NUM_TIME_IDS
+    from steer.train.loop import setup
+
+    cfg = load_config(
+        None,
+        [
+            "model.pretrained=tiny-sdxl",
+            "model.sample_size=4",
+            "model.num_inference_steps=2",
+            "model.guidance_scale=2.0",
+            "reward.name=jpeg-compressibility",
+            "prompts.builtin=simple-animals",
+            "log.tracker=none",
+            f"log.output_dir={tmp_path}",
+        ],
+    )
+    run = setup(cfg)
+    pipe, f = run.parts.pipeline, run.parts.pipeline.vae_scale_factor
+    want = pipe.add_time_ids(height=4 * f, width=4 * f)
+    assert torch.equal(run.parts.cond.embeds[0, 0, -NUM_TIME_IDS:], want.to(run.parts.cond.embeds))
+    assert torch.equal(
+        run.parts.policy.negative_embeds[0, 0, -NUM_TIME_IDS:], want.to(run.parts.cond.embeds)
+    )
+    assert run.parts.policy.sample_shape[1:] == (4, 4)

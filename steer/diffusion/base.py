@@ -197,7 +197,8 @@ class GaussianStepPolicy(nn.Module):
         if isinstance(sample_size, int) and not isinstance(sample_size, bool):
             sample_size = (sample_size, sample_size)
         if sample_size is not None and (
-            len(sample_size) != 2
+            not isinstance(sample_size, (tuple, list))
+            or len(sample_size) != 2
             or not all(
                 isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sample_size
             )

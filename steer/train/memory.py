@@ -9,14 +9,16 @@ The estimate adds, per process:
 * the trained weights: their values, gradients and AdamW's two moments (16 bytes a parameter;
   LoRA adapters are about 0.19% of the denoiser at rank 8);
 * activations of one re-scored transition with its backward (the trainer back-propagates one
-  transition at a time): bytes per latent pixel and sample, per family, with and without
-  gradient checkpointing, measured at real size by ``python -m benchmarks.real_size`` (the
-  step's peak memory minus everything above), halved under bf16 / fp16 autocast, times the
-  samples of one denoiser call (``batch_size``, twice under guidance);
-* the runtime (torch, the libraries, the rollout's tensors): 1 GiB.
+  transition at a time): the bytes its autograd graph keeps, per sample and latent pixel, per
+  family, with and without gradient checkpointing (counted at real size by
+  ``python -m benchmarks.real_size --activations``; with checkpointing the recomputation of one
+  block during the backward comes on top and is not counted), halved under bf16 / fp16
+  autocast, times the samples of one denoiser call (``batch_size``, twice under guidance);
+* one VAE decode of a batch without gradients (the rollout's images, db's x̂ a batch at a time);
+* the runtime (torch, the libraries, the rollout's tensors): 1.5 GiB.
 
-It is an estimate (within about 30% of the measured peaks of benchmarks/README.md's real-size
-table); ``model.check_memory=false`` runs anyway.
+It is an estimate; benchmarks/README.md's real-size table sets it beside the measured peaks.
+``model.check_memory=false`` runs anyway.
 """
 
 from __future__ import annotations
@@ -32,14 +34,19 @@ GIB = 2**30
 FLOAT32 = 4
 ADAMW = 16  # value, gradient, two moments (float32)
 LORA_FRACTION_RANK8 = 0.00186  # SD 1.5: 1.59 M adapter weights of the 860 M UNet at rank 8
-RUNTIME = 1 * GIB
-# bytes per latent pixel and sample of one re-scored transition's forward + backward, float32,
-# (without, with) gradient checkpointing; from benchmarks/README.md "real-size" (32x32 latents)
+RUNTIME = 3 * GIB // 2
+# bytes the autograd graph of one re-scored transition keeps for its backward, per sample and
+# latent pixel, float32, (without, with) gradient checkpointing: the saved tensors of one denoiser
+# step at 32x32 latents, counted by `python -m benchmarks.real_size --activations`
 ACTIVATIONS = {
-    "sd": (2.0e6, 0.5e6),
-    "sdxl": (4.0e6, 1.0e6),
-    "sd3": (4.0e6, 1.0e6),
+    "sd": (4.06e05, 8.33e04),
+    "sdxl": (7.74e05, 1.05e05),
+    "sd3": (9.62e05, 8.64e04),
 }
+# one VAE decode without gradients, float32: about four 128-channel maps at the image's full
+# resolution alive at once, per image pixel (the rollout's images and db's x̂ are decoded one
+# batch at a time: steer.train.sampling.decode_and_score)
+DECODE = 4 * 128 * 4
 # parameters of the reward models steer builds (counted on the meta device)
 REWARD_PARAMETERS = {
     "aesthetic": 427_616_513,  # open_clip ViT-L-14 (+ a 0.9 M MLP)
@@ -58,21 +65,26 @@ class Estimate:
     reward: int
     trained: int
     activations: int
+    decode: int
     runtime: int = RUNTIME
 
     @property
     def total(self) -> int:
-        return self.weights + self.reward + self.trained + self.activations + self.runtime
+        return (
+            self.weights + self.reward + self.trained + self.activations + self.decode
+            + self.runtime
+        )  # fmt: skip
 
     def describe(self) -> str:
         parts = ", ".join(
             f"{name} {getattr(self, name) / GIB:.1f}"
-            for name in ("weights", "reward", "trained", "activations", "runtime")
+            for name in ("weights", "reward", "trained", "activations", "decode", "runtime")
         )
         return f"{self.total / GIB:.1f} GiB ({parts})"
 
 
 NATIVE_SIDE = {"sd": 64, "sdxl": 128, "sd3": 128}  # latent sides of the published configs
+VAE_SCALE = 8  # image pixels per latent pixel (every family's VAE)
 
 
 def _family(counts: dict[str, int]) -> str:
@@ -126,7 +138,8 @@ def estimate(cfg: FinetuneConfig, counts: dict[str, int]) -> Estimate:
         per_pixel /= 2
     samples = cfg.train.batch_size * (2 if m.guidance_scale != 1.0 else 1)
     activations = int(per_pixel * side * side * samples)
-    return Estimate(weights, reward, trained, activations)
+    decode = DECODE * cfg.train.batch_size * (side * VAE_SCALE) ** 2
+    return Estimate(weights, reward, trained, activations, decode)
 
 
 def available_bytes(device: torch.device, processes: int) -> int:

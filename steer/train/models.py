@@ -123,20 +123,31 @@ def fine_tuning_scheduler(cfg: FinetuneConfig, family: ModelFamily, model_schedu
     return getattr(diffusers, name).from_config(config, **overrides)
 
 
-def _encode_prompts(pipe: Any, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+def _image_size(pipe: Any, sample_size: int | None) -> dict[str, int]:
+    """The image size a conditioning encodes where the pipeline has one (SDXL's time ids:
+    ``model.sample_size`` latents are ``sample_size × vae_scale_factor`` pixels)."""
+    if sample_size is None or not hasattr(pipe, "add_time_ids"):
+        return {}
+    side = sample_size * int(pipe.vae_scale_factor)
+    return {"height": side, "width": side}
+
+
+def _encode_prompts(
+    pipe: Any, prompts: list[str], device: torch.device, size: dict[str, int]
+) -> tuple[Tensor, Tensor]:
     """Prompt embeddings ``[P, L, D]`` and pooled embeddings ``[P, D]``, in float32."""
     with torch.no_grad():
-        embeds, pooled = pipe.encode_prompt(prompts, return_pooled=True)
+        embeds, pooled = pipe.encode_prompt(prompts, return_pooled=True, **size)
     return embeds.float().to(device), pooled.float().to(device)
 
 
-def _negative_embeds(pipe: Any, device: torch.device) -> Tensor:
+def _negative_embeds(pipe: Any, device: torch.device, size: dict[str, int]) -> Tensor:
     """The unconditional embeddings ``[1, L, D]`` of guidance: the pipeline's own where it has
     them (``negative_cond``: SDXL's zeros, as diffusers samples it), else the empty prompt's."""
     if not hasattr(pipe, "negative_cond"):
-        return _encode_prompts(pipe, [""], device)[0]
+        return _encode_prompts(pipe, [""], device, size)[0]
     with torch.no_grad():
-        return pipe.negative_cond(1).float().to(device)
+        return pipe.negative_cond(1, **size).float().to(device)
 
 
 def reward_kwargs(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -174,9 +185,10 @@ def build_components(cfg: FinetuneConfig, device: torch.device) -> Components:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if getattr(pipe, name, None) is not None:
                 getattr(pipe, name).requires_grad_(False)
-        cond.embeds, cond.pooled = _encode_prompts(pipe, prompts, device)
+        size = _image_size(pipe, cfg.model.sample_size)
+        cond.embeds, cond.pooled = _encode_prompts(pipe, prompts, device, size)
         if cfg.model.guidance_scale != 1.0:
-            negative = _negative_embeds(pipe, device)
+            negative = _negative_embeds(pipe, device, size)
     # 2. trainable weights: LoRA adapters, or the whole UNet with a frozen copy as the prior
     if cfg.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
