@@ -12,6 +12,7 @@ not on a rented GPU.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import subprocess
@@ -40,12 +41,20 @@ def presets() -> list[Path]:
     return sorted(p for p in CONFIGS.glob("sd*.yaml"))
 
 
+def smallest_batch(path: Path) -> int:
+    """The smallest ``train.batch_size`` the preset's objective accepts: whole groups (grpo)
+    that split into its PPO minibatches (ddpo, grpo: 2)."""
+    from steer.train.config import load_config
+
+    objective = load_config(str(path), []).objective
+    group = objective.group_size if objective.name == "grpo" else 1
+    return math.lcm(group, objective.minibatches if objective.needs.on_policy else 1)
+
+
 def run_preset(path: Path, out: str, timeout: float = 1800) -> dict[str, object]:
     """One step of ``path``: seconds, peak RSS of the process, and its last line."""
     cfg = yaml.safe_load(path.read_text())
-    batch = (
-        cfg.get("objective", {}).get("group_size", 1) if cfg["objective"]["name"] == "grpo" else 1
-    )
+    batch = smallest_batch(path)
     cmd = [sys.executable, "-c",
            "import resource, sys\nfrom steer.train.cli import main\nrc = main(sys.argv[1:])\n"
            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)",
@@ -97,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "optimiser step at its real architecture with random weights (its reward too), its own "
         "objective, guidance, LoRA and checkpointing, with these overrides for a 2-core CPU: `"
         + " ".join(SMALL)
-        + "` and `train.batch_size=1` (grpo: one group). Time includes "
+        + "` and the smallest `train.batch_size` the objective takes (1; ddpo 2, for its two "
+        "PPO minibatches; grpo one group of 4). Time includes "
         "building the random model and the final evaluation of one sample.\n\n"
         f"Hardware: {hardware()}\n\n{table}\n"
     )

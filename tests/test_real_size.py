@@ -348,3 +348,33 @@ def test_sdxl_time_ids_follow_the_sample_size(tmp_path: Path) -> None:
         run.parts.policy.negative_embeds[0, 0, -NUM_TIME_IDS:], want.to(run.parts.cond.embeds)
     )
     assert run.parts.policy.sample_shape[1:] == (4, 4)
+
+
+def test_decode_batch_size_bounds_every_decode_of_a_step_and_its_evaluation(tmp_path: Path) -> None:
+    from steer.train.loop import setup
+    from steer.train.outputs import evaluate
+    from steer.train.run import sample
+
+    cfg = load_config(None, [
+        "model.pretrained=tiny", "model.num_inference_steps=3", "model.decode_batch_size=2",
+        "objective.name=db", "reward.name=jpeg-compressibility", "train.batch_size=3",
+        "prompts.builtin=simple-animals", "log.tracker=none", "log.num_eval_samples=5",
+        f"log.output_dir={tmp_path}",
+    ])
+    run = setup(cfg)
+    sizes: list[int] = []
+    decode = run.parts.decode
+
+    def spy(latents: torch.Tensor) -> torch.Tensor:
+        sizes.append(latents.shape[0])
+        return decode(latents)
+
+    run.parts.decode = spy
+    batch = sample(run)
+    assert batch.log_reward_pred.shape == (3, 3)
+    assert sizes and max(sizes) == 2 and sum(sizes) == 3 + 3 * 3  # x_0, then B x K x̂
+    sizes.clear()
+    evaluate(run, "check")
+    assert max(sizes) == 2 and sum(sizes) == 5
+    with pytest.raises(ValueError, match="model.decode_batch_size must be >= 1"):
+        load_config(None, ["model.decode_batch_size=0"])

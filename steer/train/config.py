@@ -69,6 +69,9 @@ class ModelConfig:
     # (steer.pipelines.architectures): a preset's first step at real size before any download
     random_weights: bool = False
     sample_size: int | None = None  # latent side to sample; None: the model's (SD 1.5: 64)
+    # images the VAE decodes at once for the rewards (its activations at 1024² are ~2 GB an
+    # image); None: train.batch_size
+    decode_batch_size: int | None = None
     # refuse, before loading, a run whose estimated memory exceeds the device's free memory
     # (or memory_limit_gb): the estimate and the options that reduce it (steer.train.memory)
     check_memory: bool = True
@@ -88,6 +91,8 @@ class ModelConfig:
         _positive("model.guidance_scale", self.guidance_scale, strict=False)
         if self.sample_size is not None:
             _at_least("model.sample_size", self.sample_size, 1)
+        if self.decode_batch_size is not None:
+            _at_least("model.decode_batch_size", self.decode_batch_size, 1)
         if self.memory_limit_gb is not None:
             _positive("model.memory_limit_gb", self.memory_limit_gb)
         if self.random_weights:

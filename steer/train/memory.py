@@ -138,7 +138,7 @@ def estimate(cfg: FinetuneConfig, counts: dict[str, int]) -> Estimate:
         per_pixel /= 2
     samples = cfg.train.batch_size * (2 if m.guidance_scale != 1.0 else 1)
     activations = int(per_pixel * side * side * samples)
-    decode = DECODE * cfg.train.batch_size * (side * VAE_SCALE) ** 2
+    decode = DECODE * (m.decode_batch_size or cfg.train.batch_size) * (side * VAE_SCALE) ** 2
     return Estimate(weights, reward, trained, activations, decode)
 
 
@@ -177,6 +177,10 @@ def _options(cfg: FinetuneConfig, counts: dict[str, int], now: Estimate) -> list
         accum = t.grad_accum * t.batch_size // smaller
         saving(f"train.batch_size={smaller} with train.grad_accum={accum}",
                replace(cfg, train=replace(t, batch_size=smaller)))  # fmt: skip
+    decoded = m.decode_batch_size or t.batch_size
+    if decoded > 1:
+        saving(f"model.decode_batch_size={decoded // 2}",
+               replace(cfg, model=replace(m, decode_batch_size=decoded // 2)))  # fmt: skip
     side = m.sample_size
     if side is None or side > 16:
         half = (side or NATIVE_SIDE[_family(counts)]) // 2

@@ -58,7 +58,7 @@ def _flat_scalars(d: dict, prefix: str = "") -> dict:
 def evaluate(run: Run, tag: str) -> dict[str, float]:
     """Sample the evaluation set with a fixed seed; log reward and diversity; save a grid."""
     from steer.diffusion import rollout
-    from steer.train.sampling import score
+    from steer.train.sampling import decode_in_chunks, score
 
     cfg, parts, acc = run.cfg, run.parts, run.accelerator
     n = cfg.log.num_eval_samples
@@ -81,7 +81,8 @@ def evaluate(run: Run, tag: str) -> dict[str, float]:
             generator=gen,
             keep_pred_x0=False,
         )
-        images = parts.decode(traj.x0)
+        chunk = cfg.model.decode_batch_size or cfg.train.batch_size
+        images = decode_in_chunks(parts.decode, traj.x0, chunk)
         rewards = score(parts.reward, images, prompts)
     result = {"eval/reward": float(rewards.mean()), "eval/diversity": diversity(images)}
     if acc.is_main_process:

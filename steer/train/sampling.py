@@ -56,6 +56,12 @@ def score(reward, images: Tensor, prompts: list[str] | None) -> Tensor:
         return reward(images.float(), prompts).float()
 
 
+def decode_in_chunks(decode: Decode, latents: Tensor, chunk: int) -> Tensor:
+    """``decode(latents)`` ``chunk`` latents at a time (the VAE's activations of one chunk in
+    memory, not of the batch: about 2 GB an image at 1024²)."""
+    return torch.cat([decode(part) for part in latents.split(chunk)])
+
+
 def decode_and_score(
     reward, decode: Decode, latents: Tensor, prompts: list[str] | None, chunk: int
 ) -> Tensor:
@@ -135,7 +141,8 @@ def sample_batch(
             noise=None if noise is None else noise.to(device),
         )
         # 2. the reward of x_0, and of x̂_θ(x_k) at every visited state for db / subtb
-        images = decode(traj.x0)
+        chunk = cfg.model.decode_batch_size or b  # images decoded at once (VAE activations)
+        images = decode_in_chunks(decode, traj.x0, chunk)
         if not bool(torch.isfinite(images).all()):  # the policy itself diverged
             bad = torch.nonzero(~torch.isfinite(images.flatten(1)).all(1)).flatten().tolist()
             raise NonFiniteError(
@@ -150,7 +157,7 @@ def sample_batch(
             k = traj.num_steps
             flat = traj.pred_x0.flatten(0, 1)  # [B*K, ...]
             rep = None if prompts is None else [p for p in prompts for _ in range(k)]
-            log_reward_pred = decode_and_score(reward, decode, flat, rep, chunk=b).view(b, k)
+            log_reward_pred = decode_and_score(reward, decode, flat, rep, chunk=chunk).view(b, k)
             log_reward_pred = log_reward_pred / cfg.objective.beta
         # 3. the frozen prior's log-probs on the same trajectory (rtb): one no-grad pass per
         # step the policy took itself; the steps its frozen map (the prior) took score the same
