@@ -378,3 +378,15 @@ def test_decode_batch_size_bounds_every_decode_of_a_step_and_its_evaluation(tmp_
     assert max(sizes) == 2 and sum(sizes) == 5
     with pytest.raises(ValueError, match="model.decode_batch_size must be >= 1"):
         load_config(None, ["model.decode_batch_size=0"])
+
+
+def test_a_run_says_it_has_random_weights_and_no_t5(tmp_path: Path, capsys) -> None:
+    from steer.train.loop import describe, setup
+
+    cfg = load_config(None, [
+        "model.pretrained=tiny-sd3", "model.num_inference_steps=2", "objective.name=tb",
+        "reward.name=jpeg-compressibility", "prompts.builtin=simple-animals",
+        "log.tracker=none", f"log.output_dir={tmp_path}",
+    ])
+    describe(setup(cfg))
+    assert "SD3 without its T5 encoder" in capsys.readouterr().out

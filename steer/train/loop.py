@@ -136,6 +136,11 @@ def describe(run: Run) -> None:
         f"transitions trained per trajectory: {trained} of {k}\n"
         f"trainable parameters: {n_train:,}\noutputs: {run.out}"
     )
+    if cfg.model.random_weights:
+        acc.print(f"random weights at the published architecture of {cfg.model.pretrained}")
+    pipe = run.parts.pipeline
+    if hasattr(pipe, "text_encoder_3") and pipe.text_encoder_3 is None:
+        acc.print("SD3 without its T5 encoder: the T5 part of the prompt embeddings is zeros")
 
 
 class Callback:

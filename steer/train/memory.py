@@ -44,8 +44,8 @@ ACTIVATIONS = {
     "sd3": (9.62e05, 8.64e04),
 }
 # one VAE decode without gradients, float32: about four 128-channel maps at the image's full
-# resolution alive at once, per image pixel (the rollout's images and db's x̂ are decoded one
-# batch at a time: steer.train.sampling.decode_and_score)
+# resolution alive at once, per image pixel (the rewards' images are decoded
+# model.decode_batch_size at a time: steer.train.sampling.decode_in_chunks)
 DECODE = 4 * 128 * 4
 # parameters of the reward models steer builds (counted on the meta device)
 REWARD_PARAMETERS = {
@@ -203,7 +203,7 @@ def check_fits(cfg: FinetuneConfig, device: torch.device, processes: int = 1) ->
     if not cfg.model.check_memory:
         return None
     counts = parameter_counts(cfg)
-    if not counts:
+    if not counts or "vae" not in counts:  # the figures are those of latent text-to-image models
         return None
     need = estimate(cfg, counts)
     limit = cfg.model.memory_limit_gb
