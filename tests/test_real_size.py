@@ -355,12 +355,21 @@ def test_decode_batch_size_bounds_every_decode_of_a_step_and_its_evaluation(tmp_
     from steer.train.outputs import evaluate
     from steer.train.run import sample
 
-    cfg = load_config(None, [
-        "model.pretrained=tiny", "model.num_inference_steps=3", "model.decode_batch_size=2",
-        "objective.name=db", "reward.name=jpeg-compressibility", "train.batch_size=3",
-        "prompts.builtin=simple-animals", "log.tracker=none", "log.num_eval_samples=5",
-        f"log.output_dir={tmp_path}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.pretrained=tiny",
+            "model.num_inference_steps=3",
+            "model.decode_batch_size=2",
+            "objective.name=db",
+            "reward.name=jpeg-compressibility",
+            "train.batch_size=3",
+            "prompts.builtin=simple-animals",
+            "log.tracker=none",
+            "log.num_eval_samples=5",
+            f"log.output_dir={tmp_path}",
+        ],
+    )
     run = setup(cfg)
     sizes: list[int] = []
     decode = run.parts.decode
@@ -383,10 +392,17 @@ def test_decode_batch_size_bounds_every_decode_of_a_step_and_its_evaluation(tmp_
 def test_a_run_says_it_has_random_weights_and_no_t5(tmp_path: Path, capsys) -> None:
     from steer.train.loop import describe, setup
 
-    cfg = load_config(None, [
-        "model.pretrained=tiny-sd3", "model.num_inference_steps=2", "objective.name=tb",
-        "reward.name=jpeg-compressibility", "prompts.builtin=simple-animals",
-        "log.tracker=none", f"log.output_dir={tmp_path}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.pretrained=tiny-sd3",
+            "model.num_inference_steps=2",
+            "objective.name=tb",
+            "reward.name=jpeg-compressibility",
+            "prompts.builtin=simple-animals",
+            "log.tracker=none",
+            f"log.output_dir={tmp_path}",
+        ],
+    )
     describe(setup(cfg))
     assert "SD3 without its T5 encoder" in capsys.readouterr().out
