@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from steer.diffusion.schedule import SD_NOISE_SCHEDULE
+
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
@@ -81,15 +83,6 @@ _VAE_4 = dict(  # the 4-channel KL autoencoder of SD 1.x / 2.x / SDXL
     sample_size=512,
     scaling_factor=0.18215,
 )
-_SD_BETAS = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
 _SD3_TRANSFORMER = dict(
     sample_size=128,
     patch_size=2,
@@ -141,6 +134,34 @@ class Architecture:
 _D = "diffusers:"
 _T = "transformers:"
 
+
+def _sd3(
+    name: str,
+    transformer: Mapping[str, Any],
+    aliases: tuple[str, ...],
+    published: Mapping[str, int] | None = None,
+) -> Architecture:
+    """An SD3-family model: its MMDiT with SD3's VAE, two CLIPs, T5-XXL and flow scheduler."""
+    return Architecture(
+        name=name,
+        pipeline="steer.pipelines:SteerStableDiffusion3Pipeline",
+        components={
+            "transformer": (_D + "SD3Transformer2DModel", transformer),
+            "vae": (_D + "AutoencoderKL", _SD3_VAE),
+            "text_encoder": (_T + "CLIPTextModelWithProjection", _CLIP_L),
+            "text_encoder_2": (_T + "CLIPTextModelWithProjection", _CLIP_BIGG),
+            "text_encoder_3": (_T + "T5EncoderModel", _T5_XXL),
+        },
+        tokenizers={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": None},
+        scheduler=(
+            _D + "FlowMatchEulerDiscreteScheduler",
+            {"num_train_timesteps": 1000, "shift": 3.0},
+        ),
+        aliases=aliases,
+        published_parameters=published or {},
+    )
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
@@ -159,7 +180,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "text_encoder": (_T + "CLIPTextModel", _CLIP_L),
             },
             tokenizers={"tokenizer": 77},
-            scheduler=(_D + "DDIMScheduler", _SD_BETAS),
+            scheduler=(_D + "DDIMScheduler", SD_NOISE_SCHEDULE),
             aliases=("stable-diffusion-v1-5/stable-diffusion-v1-5",
                      "runwayml/stable-diffusion-v1-5", "CompVis/stable-diffusion-v1-4"),
             # the parameter counts of the published UNet, VAE and CLIP text model
@@ -187,44 +208,16 @@ ARCHITECTURES: dict[str, Architecture] = {
                 "text_encoder_2": (_T + "CLIPTextModelWithProjection", _CLIP_BIGG),
             },
             tokenizers={"tokenizer": 77, "tokenizer_2": 77},
-            scheduler=(_D + "DDIMScheduler", _SD_BETAS),
+            scheduler=(_D + "DDIMScheduler", SD_NOISE_SCHEDULE),
             aliases=("stabilityai/stable-diffusion-xl-base-1.0",),
             published_parameters={"unet": 2_567_463_684, "text_encoder_2": 694_659_840},
         ),
-        Architecture(
-            name="sd3-medium",
-            pipeline="steer.pipelines:SteerStableDiffusion3Pipeline",
-            components={
-                "transformer": (_D + "SD3Transformer2DModel", _SD3_TRANSFORMER),
-                "vae": (_D + "AutoencoderKL", _SD3_VAE),
-                "text_encoder": (_T + "CLIPTextModelWithProjection", _CLIP_L),
-                "text_encoder_2": (_T + "CLIPTextModelWithProjection", _CLIP_BIGG),
-                "text_encoder_3": (_T + "T5EncoderModel", _T5_XXL),
-            },
-            tokenizers={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": None},
-            scheduler=(_D + "FlowMatchEulerDiscreteScheduler",
-                       dict(num_train_timesteps=1000, shift=3.0)),
-            aliases=("stabilityai/stable-diffusion-3-medium-diffusers",),
-            published_parameters={"transformer": 2_028_328_000},
-        ),
-        Architecture(
-            name="sd3.5-medium",
-            pipeline="steer.pipelines:SteerStableDiffusion3Pipeline",
-            components={
-                "transformer": (_D + "SD3Transformer2DModel", dict(
-                    _SD3_TRANSFORMER, pos_embed_max_size=384, qk_norm="rms_norm",
-                    dual_attention_layers=tuple(range(13)),  # MMDiT-X: layers 0-12
-                )),
-                "vae": (_D + "AutoencoderKL", _SD3_VAE),
-                "text_encoder": (_T + "CLIPTextModelWithProjection", _CLIP_L),
-                "text_encoder_2": (_T + "CLIPTextModelWithProjection", _CLIP_BIGG),
-                "text_encoder_3": (_T + "T5EncoderModel", _T5_XXL),
-            },
-            tokenizers={"tokenizer": 77, "tokenizer_2": 77, "tokenizer_3": None},
-            scheduler=(_D + "FlowMatchEulerDiscreteScheduler",
-                       dict(num_train_timesteps=1000, shift=3.0)),
-            aliases=("stabilityai/stable-diffusion-3.5-medium",),
-        ),
+        _sd3("sd3-medium", _SD3_TRANSFORMER, ("stabilityai/stable-diffusion-3-medium-diffusers",),
+             {"transformer": 2_028_328_000}),
+        _sd3("sd3.5-medium",
+             dict(_SD3_TRANSFORMER, pos_embed_max_size=384, qk_norm="rms_norm",
+                  dual_attention_layers=tuple(range(13))),  # MMDiT-X: dual attention in 0-12
+             ("stabilityai/stable-diffusion-3.5-medium",)),
     )
 }  # fmt: skip
 

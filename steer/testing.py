@@ -28,6 +28,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from steer.diffusion.schedule import SD_NOISE_SCHEDULE
+
 __all__ = [
     "TINY_WORDS",
     "tiny_clip_tokenizer",
@@ -93,16 +95,7 @@ def tiny_clip_tokenizer(
 
 def tiny_ddim_scheduler(**overrides: Any) -> DDIMScheduler:
     """Stable Diffusion's DDIM settings (scaled-linear betas, offset 1, no clipping)."""
-    config = dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    config.update(overrides)
-    return DDIMScheduler(**config)
+    return DDIMScheduler(**{**SD_NOISE_SCHEDULE, **overrides})
 
 
 def tiny_sd_components(seed: int = 0, **scheduler_overrides: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from steer.diffusion.posterior import exact_posterior
 from steer.diffusion.rollout import StepCallback, rollout
 from steer.diffusion.schedule import (
     SCHEDULERS,
+    SD_NOISE_SCHEDULE,
     SUPPORTED_PREDICTION_TYPES,
     SUPPORTED_SCHEDULERS,
     SUPPORTED_SPACINGS,
@@ -54,6 +55,7 @@ __all__ = [
     "FAMILIES",
     "ModelFamily",
     "SCHEDULERS",
+    "SD_NOISE_SCHEDULE",
     "SchedulerKind",
     "denoiser_of",
     "family_of",

@@ -54,6 +54,17 @@ SCHEDULERS: dict[str, SchedulerKind] = {
     ),
 }
 SUPPORTED_SCHEDULERS = tuple(SCHEDULERS)
+# Stable Diffusion's noise schedule (SD 1.x / 2.x, SDXL): scaled-linear betas, offset 1, the last
+# step to ᾱ_1 (not 1), no clipping: the published scheduler configs of those models
+SD_NOISE_SCHEDULE: dict[str, object] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SUPPORTED_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -64,6 +75,7 @@ __all__ = [
     "scheduler_kind",
     "scheduler_from_config",
     "SCHEDULERS",
+    "SD_NOISE_SCHEDULE",
     "gaussian_log_prob",
     "SUPPORTED_SCHEDULERS",
     "SUPPORTED_PREDICTION_TYPES",
