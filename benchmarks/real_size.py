@@ -253,6 +253,22 @@ def cases_for(
     ]
 
 
+def activations_section(rows: list[list], side: int) -> str:
+    from benchmarks._report import hardware, markdown_table
+
+    header = ["family", "bytes / (sample · latent pixel), no ckpt", "with ckpt",
+              f"GiB at {side}×{side}, batch 1, no ckpt", "with ckpt"]  # fmt: skip
+    return (
+        "## real-size-activations\n\n`python -m benchmarks.real_size --activations`: the "
+        "tensors the autograd graph of one re-scored transition keeps for its backward (a "
+        "saved-tensors hook, each storage once, the weights left out), one denoiser call of "
+        f"the policy at {side}×{side} latents, float32, random weights at the published "
+        "architecture. These per-pixel figures are `steer.train.memory.ACTIVATIONS`, from "
+        "which a run's memory is estimated before it loads.\n\n"
+        f"Hardware: {hardware()}\n\n{markdown_table(header, rows)}\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from benchmarks._report import hardware, write_section
 
@@ -276,10 +292,19 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     if args.activations:
+        rows = []
         for family in args.families:
-            for ckpt in (False, True):
-                case = Case(family, "rtb", ckpt, args.sample_size)
-                print(family, ckpt, run_case(case, mode="--child-activations"), flush=True)
+            found = [
+                run_case(Case(family, "rtb", ckpt, args.sample_size), mode="--child-activations")
+                for ckpt in (False, True)
+            ]
+            print(family, found, flush=True)
+            rows.append([family, *(r.get("per_pixel", r.get("error")) for r in found),
+                         *(r.get("saved_gib", "?") for r in found)])  # fmt: skip
+        body = activations_section(rows, args.sample_size)
+        print(body)
+        if not args.no_write:
+            write_section("real-size-activations", body)
         return
     cases = cases_for(args.families, args.objectives, args.sample_size, steps=args.steps)
     results = []
@@ -297,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         "without its T5 encoder. Each cell is its own process; peak memory is the process's "
         "peak RSS, which includes the weights of every component (denoiser, VAE, text "
         "encoders, reward). 'bare fwd+bwd' is one denoiser forward and backward at the same "
-        "latent size.\n\n"
+        "latent size; 'estimated' is the memory `steer.train.memory` estimates for the run "
+        "before anything loads (the run refuses to start above the free memory).\n\n"
         f"Hardware: {hardware()}\n\n{text}\n"
     )
     print(body)
