@@ -1,8 +1,9 @@
 """The prepared GPU check: bf16 LoRA training steps of SD 1.5, SDXL and SD3-medium at their real
 architectures (random weights, offline) and real latent sizes.
 
-Run on a CUDA machine (no internet needed): ``python -m benchmarks.gpu`` (about 5 minutes on one
-H100-class GPU; ``--budget-s`` stops starting new cases after that many seconds, default 420).
+Run on a CUDA machine (no internet needed): ``python -m benchmarks.gpu``. ``--budget-s`` (default
+420) stops starting new cases after that many seconds, so that the whole check stays under 8
+minutes; cases left out are named in the table. Not yet run on a GPU.
 It writes the "gpu" section of benchmarks/README.md (and ``--table FILE``). Each case is its own
 process (``benchmarks.real_size.measure``): rtb first for every family, with and without gradient
 checkpointing, then db; peak memory is ``torch.cuda.max_memory_allocated`` over the step.
