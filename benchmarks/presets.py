@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from steer.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = [
@@ -44,8 +44,6 @@ def presets() -> list[Path]:
 def smallest_batch(path: Path) -> int:
     """The smallest ``train.batch_size`` the preset's objective accepts: whole groups (grpo)
     that split into its PPO minibatches (ddpo, grpo: 2)."""
-    from steer.train.config import load_config
-
     objective = load_config(str(path), []).objective
     group = objective.group_size if objective.name == "grpo" else 1
     return math.lcm(group, objective.minibatches if objective.needs.on_policy else 1)
@@ -53,7 +51,7 @@ def smallest_batch(path: Path) -> int:
 
 def run_preset(path: Path, out: str, timeout: float = 1800) -> dict[str, object]:
     """One step of ``path``: seconds, peak RSS of the process, and its last line."""
-    cfg = yaml.safe_load(path.read_text())
+    cfg = load_config(str(path), [])
     batch = smallest_batch(path)
     cmd = [sys.executable, "-c",
            "import resource, sys\nfrom steer.train.cli import main\nrc = main(sys.argv[1:])\n"
@@ -69,9 +67,9 @@ def run_preset(path: Path, out: str, timeout: float = 1800) -> dict[str, object]
     last = (done.stderr.strip().splitlines() or [""])[-1]
     return {
         "preset": path.stem,
-        "model": cfg["model"]["pretrained"],
-        "objective": cfg["objective"]["name"],
-        "reward": cfg["reward"]["name"],
+        "model": cfg.model.pretrained,
+        "objective": cfg.objective.name,
+        "reward": cfg.reward.name,
         "ok": done.returncode == 0,
         "seconds": seconds,
         "peak_gib": int(peak[0]) * 1024 / 2**30 if peak else float("nan"),

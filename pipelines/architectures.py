@@ -130,6 +130,17 @@ class Architecture:
     def denoiser(self) -> str:
         return "transformer" if "transformer" in self.components else "unet"
 
+    @property
+    def not_offline(self) -> tuple[str, ...]:
+        """The components random weights leave out: text encoders (and their tokenizers) whose
+        tokenizer cannot be written offline (SD3's T5)."""
+        return tuple(
+            name
+            for tok, length in self.tokenizers.items()
+            if length is None
+            for name in (tok.replace("tokenizer", "text_encoder"), tok)
+        )
+
 
 _D = "diffusers:"
 _T = "transformers:"
@@ -284,26 +295,23 @@ def random_pipeline(
     from steer.testing import tiny_clip_tokenizer
 
     arch = name if isinstance(name, Architecture) else architecture(name)
-    skip = set(skip)
-    unknown = skip - set(arch.components) - set(arch.tokenizers)
+    unknown = set(skip) - set(arch.components) - set(arch.tokenizers)
     if unknown:
         raise ValueError(f"{arch.name} has no component {sorted(unknown)} to skip")
+    skip = set(skip) | set(arch.not_offline)
     torch.manual_seed(seed)
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.manual_seed_all(seed)
     parts: dict[str, Any] = {}
     with torch.device(device or "cpu"):
         for comp, (target, config) in arch.components.items():
-            tokenizer = comp.replace("text_encoder", "tokenizer")
-            if comp in skip or arch.tokenizers.get(tokenizer, 0) is None:
+            if comp in skip:
                 parts[comp] = None
                 continue
             module = _build(target, {**config, **_tokenizer_ids(target)})
             parts[comp] = (module if dtype == torch.float32 else module.to(dtype)).eval()
     for tok, length in arch.tokenizers.items():
-        parts[tok] = (
-            None if length is None or tok in skip else tiny_clip_tokenizer(max_length=length)
-        )
+        parts[tok] = None if tok in skip else tiny_clip_tokenizer(max_length=length)
     target, config = arch.scheduler
     parts["scheduler"] = _class(target)(**config)
     return _class(arch.pipeline)(**parts)

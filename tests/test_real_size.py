@@ -181,6 +181,10 @@ def test_a_run_that_does_not_fit_is_refused_before_loading(tmp_path: Path) -> No
     )
     with pytest.raises(InsufficientMemory, match=r"text_encoder_3: null.*-17.7 GiB"):
         check_fits(sd3, torch.device("cpu"))
+    from steer.train.memory import parameter_counts as run_counts
+
+    random = dataclasses.replace(sd3, model=dataclasses.replace(sd3.model, random_weights=True))
+    assert "text_encoder_3" in run_counts(sd3) and "text_encoder_3" not in run_counts(random)
 
 
 def test_the_command_refuses_with_one_line_and_writes_nothing(tmp_path: Path) -> None:

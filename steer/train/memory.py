@@ -111,10 +111,8 @@ def parameter_counts(cfg: FinetuneConfig) -> dict[str, int] | None:
         arch = architecture(m.pretrained)
     except ValueError:
         return None  # a built-in model or an unknown hub id: not estimated
-    if m.random_weights:  # tokenizers that cannot be written offline: their encoder is left out
-        skip += [
-            c.replace("tokenizer", "text_encoder") for c, n in arch.tokenizers.items() if n is None
-        ]
+    if m.random_weights:  # what random weights leave out (SD3's T5)
+        skip += arch.not_offline
     return parameter_counts(arch, skip)
 
 
